@@ -1,0 +1,1 @@
+"""mIoU, CAM evaluation and overlays (arrive with the engine issue)."""

@@ -1,0 +1,1 @@
+"""AReAM, GETAM and CRT: losses, CAM and pseudo-label logic (arrive with their issues)."""

@@ -1,0 +1,5 @@
+"""Backbones, heads and the timm attention drop-in (:func:`patch_timm`, :func:`capture`)."""
+
+from wsss_fast.nn.timm_attention import Capture, capture, patch_timm
+
+__all__ = ["Capture", "capture", "patch_timm"]
