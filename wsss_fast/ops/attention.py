@@ -3,7 +3,7 @@
 Backends:
 - ``reference``: materialises ``P`` ``[B, H, N, N]`` and keeps it for backward (eager timm).
 - ``torch``: pure PyTorch, processed in chunks of query rows so that the transient ``N``-wide
-  working set is bounded (:func:`set_torch_chunk_elements`); saves q, k, v, out and the row
+  working set is bounded (:func:`set_attention_chunk_elements`); saves q, k, v, out and the row
   log-sum-exp only, and recomputes ``P`` chunk by chunk in backward.
 - ``triton``: the fused kernels of ``wsss_fast.kernels.attention``, registered as the custom ops
   ``wsss_fast::attention_triton`` and ``wsss_fast::attention_triton_backward`` (fake kernels
@@ -30,7 +30,7 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128)
 _torch_chunk_elements = 1 << 25
 
 
-def set_torch_chunk_elements(n: int) -> None:
+def set_attention_chunk_elements(n: int) -> None:
     """Bound the ``torch`` backend's transient working set to about ``n`` scores per chunk.
 
     Each chunk holds ``B * H * rows * N`` scores (and as many probabilities and gradients), with
