@@ -21,4 +21,15 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(wsss_fast, m) {
   m.def("random_walk_forward(Tensor aff, Tensor cam, float beta, int steps) -> Tensor");
   m.def("random_walk_backward(Tensor aff, Tensor grad_out, float beta, int steps) -> Tensor");
+  // q, k, v, grad_out: [L, B, H, N, D]; returns the [B, N] float32 map summed over L.
+  m.def(
+      "getam_map_forward(Tensor q, Tensor k, Tensor v, Tensor grad_out, float scale, int row) -> "
+      "Tensor");
+  m.def(
+      "getam_map_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor grad_out, float scale, "
+      "int row) -> (Tensor, Tensor, Tensor, Tensor)");
+  // image: [B, 3, H, W]; masks: [B, C, H, W] (already at the image size); no gradient.
+  m.def(
+      "par_forward(Tensor image, Tensor masks, int[] dilations, int iters, float w_pos) -> Tensor");
+  m.def("pamr_forward(Tensor image, Tensor masks, int[] dilations, int iters) -> Tensor");
 }
