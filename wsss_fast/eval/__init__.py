@@ -10,6 +10,8 @@
   ground truth`` panels.
 """
 
+from wsss_fast.data.io import voc_palette
+from wsss_fast.data.voc import VOC_CLASSES
 from wsss_fast.eval.cams import (
     DEFAULT_SWEEP_THRESHOLDS,
     cam_to_label,
@@ -32,7 +34,6 @@ from wsss_fast.eval.overlay import (
     save_panel,
     save_rgb_png,
 )
-from wsss_fast.eval.palette import VOC_CLASSES, voc_palette
 
 __all__ = [
     "DEFAULT_SWEEP_THRESHOLDS",

@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wsss_fast.eval._io import atomic_write
+from wsss_fast.data.io import atomic_write, voc_palette
 from wsss_fast.eval.metrics import ConfusionMatrix, all_reduce_sum
-from wsss_fast.eval.palette import voc_palette
 
 ArrayLike = np.ndarray | torch.Tensor
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from wsss_fast.eval._io import atomic_write
-from wsss_fast.eval.palette import voc_palette
+from wsss_fast.data.io import atomic_write, voc_palette
 
 #: Background of the panel sheet and gaps between panels.
 SHEET_COLOR = (255, 255, 255)
