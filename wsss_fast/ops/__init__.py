@@ -1,8 +1,9 @@
 """The ops of DESIGN.md §3, one module each; ``reference`` holds the readable oracle of every op."""
 
 from wsss_fast.ops import reference
+from wsss_fast.ops._chunks import set_torch_chunk_elements
 from wsss_fast.ops.affinity_loss import affinity_loss
-from wsss_fast.ops.attention import attention, set_attention_chunk_elements
+from wsss_fast.ops.attention import attention
 from wsss_fast.ops.getam_map import getam_map
 from wsss_fast.ops.pamr import pamr
 from wsss_fast.ops.par import par
@@ -18,5 +19,5 @@ __all__ = [
     "propagate",
     "random_walk",
     "reference",
-    "set_attention_chunk_elements",
+    "set_torch_chunk_elements",
 ]

@@ -3,7 +3,7 @@
 Backends:
 - ``reference``: materialises ``P`` ``[B, H, N, N]`` and keeps it for backward (eager timm).
 - ``torch``: pure PyTorch, processed in chunks of query rows so that the transient ``N``-wide
-  working set is bounded (:func:`set_attention_chunk_elements`); saves q, k, v, out and the row
+  working set is bounded (``wsss_fast.ops.set_torch_chunk_elements``); saves q, k, v, out and the row
   log-sum-exp only, and recomputes ``P`` chunk by chunk in backward.
 - ``triton``: the fused kernels of ``wsss_fast.kernels.attention``, registered as the custom ops
   ``wsss_fast::attention_triton`` and ``wsss_fast::attention_triton_backward`` (fake kernels
@@ -20,24 +20,12 @@ from __future__ import annotations
 import torch
 
 from wsss_fast import _backend
-from wsss_fast.ops import _checks, reference
+from wsss_fast.ops import _checks, _chunks, reference
 
 OP = "attention"
 EXPORTS = (None, "mean", "rows")
 _EXPORT_CODE = {None: 0, "mean": 1, "rows": 2}
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
-
-_torch_chunk_elements = 1 << 25
-
-
-def set_attention_chunk_elements(n: int) -> None:
-    """Bound the ``torch`` backend's transient working set to about ``n`` scores per chunk.
-
-    Each chunk holds ``B * H * rows * N`` scores (and as many probabilities and gradients), with
-    ``rows = max(1, n // (B * H * N))``. The default ``2**25`` is 128 MiB of float32 scores.
-    """
-    global _torch_chunk_elements
-    _torch_chunk_elements = _checks.non_negative_int(OP, "n", n) or 1
 
 
 def attention(
@@ -105,7 +93,7 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _chunk_rows(q: torch.Tensor) -> int:
     B, H, N, _ = q.shape
-    return max(1, _torch_chunk_elements // max(1, B * H * N))
+    return _chunks.chunk_rows(B * H * N)
 
 
 def _torch_forward(q, k, v, scale, export, num_rows, export_dtype):
