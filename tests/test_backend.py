@@ -112,3 +112,15 @@ def test_import_never_fails_without_the_extension():
     assert res.returncode == 0, res.stderr
     assert "torch.Size([1, 2, 4])" in res.stdout
     assert "ERROR" in res.stdout and "pip install --no-build-isolation -e ." in res.stdout
+
+
+def test_stale_extension_without_the_op_kernel():
+    # An extension built before an op existed: auto moves on, an explicit choice says to rebuild.
+    impls = {"reference": None, "torch": None, "cuda": None}
+    cpu = torch.device("cpu")
+    name, _ = _backend.select("new_op", impls, cpu, kernel="no_such_op_forward")
+    assert name == "torch"
+    with wsss_fast.use_backend("cuda"), pytest.raises(wsss_fast.BackendError, match="rebuild"):
+        _backend.select("new_op", impls, cpu, kernel="no_such_op_forward")
+    if _ext.loaded():
+        assert _backend.select("random_walk", impls, cpu, kernel="random_walk_forward")[0] == "cuda"

@@ -117,13 +117,25 @@ def select(
     impls: Mapping[str, Callable],
     device: torch.device,
     auto_order: Mapping[str, Sequence[str]] = DEFAULT_AUTO_ORDER,
+    kernel: str | None = None,
 ) -> tuple[str, Callable]:
-    """Pick the implementation of ``op`` for tensors on ``device``; returns (backend, callable)."""
+    """Pick the implementation of ``op`` for tensors on ``device``; returns (backend, callable).
+
+    ``kernel`` names the registered ``wsss_fast::<kernel>`` op behind the ``cuda`` backend, so an
+    extension built before that op existed counts as unavailable for it (``auto`` moves on).
+    """
     name = get_backend()
     device_type = device.type
+
+    def reason(backend: str) -> str | None:
+        why = unavailable_reason(backend, device_type)
+        if why is None and backend == "cuda" and kernel is not None:
+            why = _ext.missing_kernel(kernel, device_type)
+        return why
+
     if name == "auto":
         for cand in auto_order.get(device_type, ("torch", "reference")):
-            if cand in impls and unavailable_reason(cand, device_type) is None:
+            if cand in impls and reason(cand) is None:
                 return cand, impls[cand]
         raise BackendError(f"no backend of wsss_fast.{op} can run on {device_type} tensors")
     if name not in impls:
@@ -132,7 +144,7 @@ def select(
             f"wsss_fast.{op} is not implemented on the {name!r} backend yet (implemented: {have}). "
             f"Choose another with wsss_fast.use_backend(...) or WSSS_FAST_BACKEND."
         )
-    why = unavailable_reason(name, device_type)
+    why = reason(name)
     if why is not None:
         raise BackendError(f"wsss_fast.{op}: the {name!r} backend cannot run here: {why}")
     return name, impls[name]

@@ -30,11 +30,27 @@ def load_error() -> str | None:
     )
 
 
+def has_op(op: str) -> bool:
+    """Whether the loaded extension defines ``wsss_fast::<op>`` (one built before it does not)."""
+    return _C is not None and hasattr(torch.ops.wsss_fast, op)
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the registered op ``wsss_fast::<op>`` has a kernel for ``dispatch_key`` (CPU, CUDA)."""
-    if _C is None:
+    if not has_op(op):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"wsss_fast::{op}", dispatch_key)
+
+
+def missing_kernel(op: str, device_type: str) -> str | None:
+    """None if ``wsss_fast::<op>`` has a kernel for ``device_type`` tensors, else why and the fix."""
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    if has_kernel(op, key):
+        return None
+    return load_error() or (
+        f"wsss_fast._C has no {key} kernel for {op} (it was built before the op was added); "
+        "rebuild it with `pip install --no-build-isolation -e .`"
+    )
 
 
 def build_info() -> dict:

@@ -58,7 +58,7 @@ def getam_map(
     device = _checks.same_device(OP, q=q, k=k, v=v, grad_out=grad_out)
     row = _checks.index_in_range(OP, "row", row, 0, q.shape[-2])
     scale = _checks.optional_scale(OP, scale)
-    _, impl = _backend.select(OP, _IMPLS, device)
+    _, impl = _backend.select(OP, _IMPLS, device, kernel="getam_map_forward")
     return impl(q, k, v, grad_out, scale=scale, row=row)
 
 
@@ -87,19 +87,7 @@ def _getam_map_torch(q, k, v, grad_out, *, scale, row):
 # cuda backend: the registered ops wsss_fast::getam_map_forward / getam_map_backward.
 
 
-def _has_compiled_ops() -> bool:
-    return _ext.loaded() and hasattr(torch.ops.wsss_fast, "getam_map_forward")
-
-
 def _getam_map_cuda(q, k, v, grad_out, *, scale, row):
-    key = "CUDA" if q.device.type == "cuda" else "CPU"
-    if not (_has_compiled_ops() and _ext.has_kernel("getam_map_forward", key)):
-        raise _backend.BackendError(
-            _ext.load_error()
-            or f"wsss_fast._C has no {key} kernel for getam_map (it was built before them); "
-            "rebuild it with `pip install --no-build-isolation -e .`, or use "
-            "wsss_fast.use_backend('torch')"
-        )
     s = _resolve_scale(q, scale)
     if q.dim() == 4:
         q, k, v, grad_out = (t.unsqueeze(0) for t in (q, k, v, grad_out))
@@ -120,7 +108,7 @@ _IMPLS = {
 
 
 # An extension built before this op existed lacks the schemas; importing must still work.
-if _has_compiled_ops():
+if _ext.has_op("getam_map_forward"):
 
     @torch.library.register_fake("wsss_fast::getam_map_forward")
     def _getam_map_forward_fake(q, k, v, grad_out, scale, row):

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from wsss_fast import _backend
+from wsss_fast import _backend, _ext
 from wsss_fast.ops import _checks, reference
 from wsss_fast.ops.par import (
     acc_dtype,
-    compiled_op,
-    has_compiled_op,
     masks_for_kernel,
     refine,
     refuse_grad,
@@ -63,7 +61,7 @@ def pamr(
         refined = wsss_fast.pamr(image_0_255, cam_probs, iters=10)
     """
     image, masks, dilations, iters = _checks.image_and_masks(OP, image, masks, dilations, iters)
-    backend, impl = _backend.select(OP, _IMPLS, image.device)
+    backend, impl = _backend.select(OP, _IMPLS, image.device, kernel="pamr_forward")
     if backend != "reference":
         refuse_grad(OP, backend, image, masks)
     return impl(image, masks, dilations=dilations, iters=iters)
@@ -93,7 +91,7 @@ def _pamr_torch(image, masks, *, dilations, iters):
 
 
 def _pamr_cuda(image, masks, *, dilations, iters):
-    op = compiled_op("pamr_forward", image.device)
+    op = torch.ops.wsss_fast.pamr_forward
     return op(image.contiguous(), masks_for_kernel(image, masks), list(dilations), iters).to(
         masks.dtype
     )
@@ -105,7 +103,7 @@ _IMPLS = {"reference": reference.pamr, "torch": _pamr_torch, "cuda": _pamr_cuda}
 # ---------------------------------------------------------------------------------------------
 # The compiled op: a fake kernel for torch.compile, and a clear error instead of a gradient.
 
-if has_compiled_op("pamr_forward"):
+if _ext.has_op("pamr_forward"):
 
     @torch.library.register_fake("wsss_fast::pamr_forward")
     def _pamr_forward_fake(image, masks, dilations, iters):

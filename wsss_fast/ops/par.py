@@ -63,7 +63,7 @@ def par(
     image, masks, dilations, iters = _checks.image_and_masks(OP, image, masks, dilations, iters)
     if isinstance(w_pos, bool) or not isinstance(w_pos, (int, float)) or not math.isfinite(w_pos):
         raise ValueError(f"wsss_fast.par: w_pos must be a finite number, got {w_pos!r}")
-    backend, impl = _backend.select(OP, _IMPLS, image.device)
+    backend, impl = _backend.select(OP, _IMPLS, image.device, kernel="par_forward")
     if backend != "reference":
         refuse_grad(OP, backend, image, masks)
     return impl(image, masks, dilations=dilations, iters=iters, w_pos=float(w_pos))
@@ -155,22 +155,6 @@ def masks_for_kernel(image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return state_at_image_size(image, masks, acc_dtype(image, masks))
 
 
-def has_compiled_op(name: str) -> bool:
-    """Whether ``wsss_fast::<name>`` is registered (a ``_C`` built before it was added lacks it)."""
-    return hasattr(torch.ops.wsss_fast, name)
-
-
-def compiled_op(name: str, device: torch.device):
-    """``torch.ops.wsss_fast.<name>``, or an error that says to rebuild a stale ``_C``."""
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    if not (has_compiled_op(name) and _ext.has_kernel(name, key)):
-        raise _backend.BackendError(
-            f"wsss_fast._C has no {key} kernel for {name}: it was built before the op was added. "
-            "Rebuild it with `pip install --no-build-isolation -e .`"
-        )
-    return getattr(torch.ops.wsss_fast, name)
-
-
 def register_no_backward(name: str) -> None:
     """Attach to ``wsss_fast::<name>`` a backward that says where the gradient is."""
 
@@ -218,7 +202,7 @@ def _par_torch(image, masks, *, dilations, iters, w_pos):
 
 
 def _par_cuda(image, masks, *, dilations, iters, w_pos):
-    op = compiled_op("par_forward", image.device)
+    op = torch.ops.wsss_fast.par_forward
     out = op(image.contiguous(), masks_for_kernel(image, masks), list(dilations), iters, w_pos)
     return out.to(masks.dtype)
 
@@ -229,7 +213,7 @@ _IMPLS = {"reference": reference.par, "torch": _par_torch, "cuda": _par_cuda}
 # ---------------------------------------------------------------------------------------------
 # The compiled ops: fake kernels for torch.compile, and a clear error instead of a gradient.
 
-if has_compiled_op("par_forward"):
+if _ext.has_op("par_forward"):
 
     @torch.library.register_fake("wsss_fast::par_forward")
     def _par_forward_fake(image, masks, dilations, iters, w_pos):

@@ -68,7 +68,7 @@ def random_walk(aff: torch.Tensor, cam: torch.Tensor, *, beta: float, steps: int
             "identity)"
         )
     _checks.all_finite(OP, "cam", cam)
-    backend, impl = _backend.select(OP, _IMPLS, device)
+    backend, impl = _backend.select(OP, _IMPLS, device, kernel="random_walk_forward")
     if backend in ("triton", "cuda") and aff.requires_grad and torch.is_grad_enabled():
         raise _backend.BackendNotImplementedError(
             f"wsss_fast.random_walk: the gradient with respect to aff is implemented on the "
@@ -200,7 +200,7 @@ _IMPLS = {
 # ---------------------------------------------------------------------------------------------
 # The compiled op wsss_fast::random_walk_forward: fake kernels for torch.compile, autograd.
 
-if _ext.loaded():
+if _ext.has_op("random_walk_forward"):
 
     @torch.library.register_fake("wsss_fast::random_walk_forward")
     def _random_walk_forward_fake(aff, cam, beta, steps):
