@@ -1,9 +1,15 @@
 """The ``wsss-fast`` command.
 
 ``wsss-fast info`` prints versions, the GPU, the backends and how the extension was built.
-``wsss-fast demo`` refines a seed map on a synthetic image with ``random_walk`` on every available
-backend, checks them against the reference and writes a picture; the engine issue replaces it
-with the synthetic training demo.
+``wsss-fast train --config configs/aream_synthetic.yaml key=value ...`` trains a method with the
+engine into a run folder (``config.yaml``, ``log.txt``, ``ckpt_<step>.pt``).
+``wsss-fast cam | pseudo | eval RUN_DIR`` make CAMs (``.npy``), pseudo masks (palette PNGs) and
+``metrics.json`` (``cam_miou``, ``pseudo_miou``) with overlays for a split of the run's data.
+``wsss-fast make-synthetic ROOT`` writes the built-in synthetic data set.
+``wsss-fast demo`` (``--method random-walk``, the default) refines a seed map on a synthetic image
+with ``random_walk`` on every available backend and checks them against the reference;
+``wsss-fast demo --method aream --out DIR`` trains AReAM on the synthetic set, makes CAMs and
+pseudo masks of its train split, evaluates them and writes ``DIR/metrics.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -117,6 +124,14 @@ def _demo_scene(side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.method == "aream":
+        return _demo_aream(args)
+    if args.overrides:
+        raise CLIError(f"key=value overrides are for --method aream, got {args.overrides}")
+    return _demo_random_walk(args)
+
+
+def _demo_random_walk(args: argparse.Namespace) -> int:
     from PIL import Image
 
     os.makedirs(args.out, exist_ok=True)
@@ -179,24 +194,246 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- engine commands
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+"""The ``configs/`` folder of a source checkout (editable installs)."""
+
+
+class CLIError(Exception):
+    """A user error reported as one line on stderr (exit status 2)."""
+
+
+def _load_config(path: str | None, overrides: list[str]):
+    import wsss_fast.methods  # noqa: F401  (registers the methods' config sections)
+    from wsss_fast.engine import load_config
+
+    if path is not None and not os.path.isfile(path):
+        raise CLIError(f"config file {path} not found")
+    return load_config(path, overrides)
+
+
+def _train(cfg) -> tuple[object, object, float]:
+    from wsss_fast.engine import build_train_dataset, train
+    from wsss_fast.engine.infer import build_method, check_classes, ensure_data
+
+    method = build_method(cfg)
+    ensure_data(cfg)
+    dataset = build_train_dataset(cfg)
+    check_classes(cfg, dataset)
+    t0 = time.perf_counter()
+    result = train(cfg, method, dataset)
+    return method, result, time.perf_counter() - t0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"train.out_dir={args.out}")
+    cfg = _load_config(args.config, overrides)
+    if not cfg.method:
+        raise CLIError("no method: set method: in the config or pass method=aream")
+    _, result, seconds = _train(cfg)
+    print(
+        f"trained {cfg.method} for {result.step} steps in {seconds:.1f} s; run folder {result.run_dir}"
+    )
+    return 0
+
+
+def _infer_setup(args: argparse.Namespace):
+    from wsss_fast.engine.infer import default_infer_dir, load_run
+
+    cfg, method, model, ckpt = load_run(args.run, args.overrides)
+    split = args.split or cfg.eval.split
+    out = Path(args.out) if args.out else default_infer_dir(args.run, split)
+    return cfg, model, ckpt, split, out
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    from wsss_fast.engine.infer import eval_dataset, make_cams
+
+    cfg, model, ckpt, split, out = _infer_setup(args)
+    t0 = time.perf_counter()
+    n = make_cams(cfg, model, eval_dataset(cfg, split, with_mask=False), out)
+    print(
+        f"{n} CAMs of split {split!r} from {ckpt} in {time.perf_counter() - t0:.1f} s -> {out / 'cams'}"
+    )
+    return 0
+
+
+def _run_config(args: argparse.Namespace):
+    """The saved config of run folder ``args.run`` (with overrides), the split and output."""
+    from wsss_fast.engine.infer import default_infer_dir
+
+    cfg_path = Path(args.run) / "config.yaml"
+    if not cfg_path.is_file():
+        raise CLIError(f"{args.run} is not a run folder: no config.yaml in it")
+    cfg = _load_config(str(cfg_path), args.overrides)
+    split = args.split or cfg.eval.split
+    out = Path(args.out) if args.out else default_infer_dir(args.run, split)
+    return cfg, split, out
+
+
+def cmd_pseudo(args: argparse.Namespace) -> int:
+    from wsss_fast.engine.infer import eval_dataset, make_pseudo
+
+    cfg, split, out = _run_config(args)
+    t0 = time.perf_counter()
+    n = make_pseudo(cfg, eval_dataset(cfg, split, with_mask=False, normalize=False), out)
+    print(
+        f"{n} pseudo masks of split {split!r} (bg score {cfg.eval.bg_threshold}) in "
+        f"{time.perf_counter() - t0:.1f} s -> {out / 'pseudo'}"
+    )
+    return 0
+
+
+def _print_metrics(metrics: dict, out: Path) -> None:
+    for name, table in metrics.get("_tables", {}).items():
+        print(f"{name}:\n{table}")
+    line = (
+        f"cam_miou {metrics['cam_miou']:.4f}" if metrics["cam_miou"] is not None else "cam_miou n/a"
+    )
+    if metrics.get("pseudo_miou") is not None:
+        line += f", pseudo_miou {metrics['pseudo_miou']:.4f}"
+    print(
+        f"{metrics['split']} split, {metrics['images']} images, bg threshold "
+        f"{metrics['bg_threshold']}: {line} -> {out / 'metrics.json'}"
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from wsss_fast.engine.infer import eval_dataset, evaluate
+
+    cfg, split, out = _run_config(args)
+    metrics = evaluate(
+        cfg,
+        eval_dataset(cfg, split, with_mask=True, normalize=False),
+        out,
+        num_overlays=args.overlays,
+    )
+    _print_metrics(metrics, out)
+    return 0
+
+
+def cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from wsss_fast.data import make_synthetic
+
+    root = make_synthetic(
+        args.root,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        size=args.size,
+        seed=args.seed,
+        num_classes=args.num_classes,
+    )
+    print(f"synthetic data set at {root}")
+    return 0
+
+
+def _demo_aream(args: argparse.Namespace) -> int:
+    from wsss_fast.engine.infer import infer_split
+
+    config = args.config or str(REPO_CONFIGS / "aream_synthetic.yaml")
+    out = Path(args.out)
+    cfg = _load_config(config, [*args.overrides, f"train.out_dir={out / 'run'}"])
+    if cfg.method != "aream":
+        raise CLIError(f"{config}: method is {cfg.method!r}, the demo needs aream")
+    print(f"AReAM demo: config {config}, data {cfg.data.root}, output {out}")
+    _, result, train_s = _train(cfg)
+    t0 = time.perf_counter()
+    split = cfg.data.train_split
+    metrics = infer_split(cfg, result.model, split, out)
+    infer_s = time.perf_counter() - t0
+    # Record the timings in metrics.json too.
+    saved = json.loads((out / "metrics.json").read_text())
+    saved.update(
+        train_seconds=round(train_s, 1), infer_seconds=round(infer_s, 1), steps=result.step
+    )
+    (out / "metrics.json").write_text(json.dumps(saved, indent=2))
+    _print_metrics(metrics, out)
+    print(
+        f"trained {result.step} steps in {train_s:.0f} s; CAMs, pseudo masks and evaluation in {infer_s:.0f} s"
+    )
+    print(f"overlays in {out / 'overlays'}")
+    return 0
+
+
+def _add_infer(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("run", help="run folder written by `wsss-fast train` (config.yaml, ckpt_*.pt)")
+    p.add_argument("--split", default=None, help="data split (default: the config's eval.split)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/infer_<split>)")
+    p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, GPU, backends and how the extension was built")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("demo", help="random-walk refinement on a synthetic image, on every backend")
-    p.add_argument("--out", default="runs/demo", help="folder for the picture and the JSON summary")
-    p.add_argument("--side", type=int, default=48, help="image side in pixels (M = side^2)")
-    p.add_argument("--steps", type=int, default=64, help="random-walk steps")
+
+    p = sub.add_parser("train", help="train a method with the engine into a run folder")
+    p.add_argument("--config", default=None, help="YAML config (e.g. configs/aream_synthetic.yaml)")
+    p.add_argument("--out", default=None, help="run folder (same as train.out_dir=...)")
+    p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    p.set_defaults(func=cmd_train)
+    _add_infer(sub, "cam", "CAMs (.npy per image) of a split with a trained run", cmd_cam)
+    _add_infer(sub, "pseudo", "pseudo masks (palette PNGs) from the CAMs of `cam`", cmd_pseudo)
+    p = _add_infer(sub, "eval", "mIoU of the CAMs (and pseudo masks) -> metrics.json", cmd_eval)
+    p.add_argument("--overlays", type=int, default=4, help="overlay panels to write")
+
+    p = sub.add_parser("make-synthetic", help="write the built-in synthetic data set")
+    p.add_argument("root")
+    p.add_argument("--num-train", type=int, default=480)
+    p.add_argument("--num-val", type=int, default=120)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--num-classes", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_synthetic)
+
+    p = sub.add_parser(
+        "demo",
+        help="random-walk refinement on every backend (default), or --method aream: train AReAM "
+        "on the synthetic set and evaluate its CAMs and pseudo masks",
+    )
+    p.add_argument("--method", choices=["random-walk", "aream"], default="random-walk")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument(
+        "--config", default=None, help="aream: config (default configs/aream_synthetic.yaml)"
+    )
+    p.add_argument(
+        "--side", type=int, default=48, help="random-walk: image side in pixels (M = side^2)"
+    )
+    p.add_argument("--steps", type=int, default=64, help="random-walk: steps")
+    p.add_argument("--seed", type=int, default=0, help="random-walk: seed")
+    p.add_argument("overrides", nargs="*", help="aream: config overrides section.key=value")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    from wsss_fast.data import DataError
+    from wsss_fast.engine import ConfigError
+
+    parser = build_parser()
+    # key=value overrides may follow options (`cam RUN --out X k=v`): argparse leaves those
+    # out of the positional list, so they are collected here; anything else is an error.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"wsss-fast {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except (CLIError, FileNotFoundError, DataError) as e:
+        print(f"wsss-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from torch import nn
 from wsss_fast import ops
 from wsss_fast._backend import BackendNotImplementedError, use_backend
 from wsss_fast.data.transforms import denormalize
+from wsss_fast.engine.config import register_section
 from wsss_fast.eval.cams import minmax_normalize
 from wsss_fast.nn import capture, patch_timm
 
@@ -79,6 +80,9 @@ class AReAMConfig:
     par_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
     par_w_pos: float = 0.01
     par_down_scale: int = 2
+
+
+register_section("aream", AReAMConfig)  # the engine config's ``aream:`` section
 
 
 def _config(cfg: Any, fallback: AReAMConfig | None = None) -> AReAMConfig:

@@ -1,0 +1,169 @@
+"""The ``wsss-fast`` command: info, train -> cam -> pseudo -> eval on a tiny synthetic set with a
+tiny ViT, the AReAM demo, and clear config errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import wsss_fast
+from wsss_fast.cli import build_parser, main
+from wsss_fast.data import make_synthetic
+from wsss_fast.eval import load_cam
+
+pytest.importorskip("timm")
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "aream_synthetic.yaml")
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """A 3-class, 48 px synthetic set and a ViT with embed 32, depth 4, 2 heads: seconds on CPU."""
+    return [
+        f"data.root={root}",
+        "data.crop_size=48",
+        "data.batch_size=4",
+        "model.num_classes=3",
+        "aream.num_classes=3",
+        "aream.backbone_kwargs={embed_dim: 32, depth: 4, num_heads: 2}",
+        "aream.img_size=48",
+        "aream.cls_epochs=1",  # the second epoch runs the affinity loss and the online labels
+        "train.epochs=2",
+        "train.progress=false",
+        "train.device=cpu",
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli") / "synthetic"
+    make_synthetic(root, num_train=8, num_val=4, size=48, num_classes=3, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_root) -> Path:
+    run = data_root.parent / "run"
+    assert main(["train", "--config", CONFIG, "--out", str(run), *tiny_overrides(data_root)]) == 0
+    return run
+
+
+def test_info_prints_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backend" in out
+    for name in wsss_fast.BACKENDS:
+        assert name in out
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["backends"]) == set(wsss_fast.BACKENDS)
+
+
+def test_demo_default_is_random_walk(capsys):
+    assert build_parser().parse_args(["demo"]).method == "random-walk"
+    assert main(["demo", "optim.lr=1"]) == 2  # overrides belong to --method aream
+    assert "--method aream" in capsys.readouterr().err
+
+
+def test_train_writes_run_folder(run_dir):
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "log.txt").is_file()
+    assert len(list(run_dir.glob("ckpt_*.pt"))) >= 1
+    saved = (run_dir / "config.yaml").read_text()
+    assert "method: aream" in saved and "embed_dim: 32" in saved
+    assert "aff_loss" in (run_dir / "log.txt").read_text()  # epoch 1 >= cls_epochs
+
+
+def test_cam_pseudo_eval(run_dir, capsys):
+    out = run_dir / "infer_val"
+    assert main(["cam", str(run_dir)]) == 0
+    cams = sorted((out / "cams").glob("*.npy"))
+    assert len(cams) == 4
+    rec = load_cam(cams[0])
+    assert rec["cam"].ndim == 3 and rec["cam"].shape[0] == len(rec["keys"]) >= 1
+    assert rec["cam"].shape[1:] == (48, 48)
+    assert np.all((rec["keys"] >= 1) & (rec["keys"] <= 3))
+
+    # CAMs alone: metrics.json has cam_miou only.
+    assert main(["eval", str(run_dir), "--overlays", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["cam_miou"] <= 1.0
+    assert "pseudo_miou" not in metrics
+    assert metrics["bg_threshold"] == 0.45 and metrics["images"] == 4
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+
+    assert main(["pseudo", str(run_dir)]) == 0
+    masks = sorted((out / "pseudo").glob("*.png"))
+    assert len(masks) == 4
+    with Image.open(masks[0]) as im:
+        assert im.mode == "P" and im.size == (48, 48)
+        assert set(np.unique(np.array(im)).tolist()) <= {0, 1, 2, 3}
+    assert main(["eval", str(run_dir)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["cam_miou"] <= 1.0
+    assert 0.0 <= metrics["pseudo_miou"] <= 1.0
+    assert "cam_miou" in capsys.readouterr().out
+
+
+def test_eval_threshold_from_overrides(run_dir, tmp_path):
+    out = tmp_path / "t"
+    assert main(["cam", str(run_dir), "--out", str(out)]) == 0
+    assert main(["eval", str(run_dir), "--out", str(out), "eval.bg_threshold=1.0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # CAMs are in [0, 1): at threshold 1 every pixel is background, no foreground class scores.
+    assert metrics["bg_threshold"] == 1.0
+    iou = metrics["cam"]["iou"]
+    assert iou["background"] > 0
+    assert all(v in (0.0, None) for k, v in iou.items() if k != "background")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown key 'lrr'"),
+        ("data.batch_size=abc", "expected an integer"),
+        ("nosuchsection.x=1", "unknown section 'nosuchsection'"),
+        ("aream.num_classes", "not of the form section.key=value"),
+        ("train.precision=fp8", "expected one of"),
+    ],
+)
+def test_config_override_errors(override, message, capsys, tmp_path):
+    rc = main(["train", "--config", CONFIG, "--out", str(tmp_path / "r"), override])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and message in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_class_count_mismatch_and_missing_files(data_root, tmp_path, capsys):
+    args = [*tiny_overrides(data_root), "aream.num_classes=4"]
+    assert main(["train", "--config", CONFIG, "--out", str(tmp_path / "r"), *args]) == 2
+    assert "has 3 classes" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["cam", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_demo_aream(data_root, tmp_path, capsys):
+    out = tmp_path / "demo"
+    overrides = [*tiny_overrides(data_root), "train.epochs=1", "aream.cls_epochs=0"]
+    assert main(["demo", "--method", "aream", "--out", str(out), *overrides]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "train" and metrics["images"] == 8
+    assert 0.0 <= metrics["cam_miou"] <= 1.0 and 0.0 <= metrics["pseudo_miou"] <= 1.0
+    assert metrics["steps"] == 2
+    assert len(list((out / "overlays").glob("*.png"))) == 4
+    assert (out / "run" / "config.yaml").is_file()
+    assert "pseudo_miou" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["aream_synthetic.yaml", "aream_voc.yaml"])
+def test_shipped_configs_load(name):
+    import wsss_fast.methods  # noqa: F401
+    from wsss_fast.engine import load_config
+
+    cfg = load_config(Path(CONFIG).parent / name)
+    assert cfg.method == "aream"
+    assert cfg.aream.num_classes == cfg.model.num_classes
