@@ -10,6 +10,8 @@
 //   dq[row] = s sum_n dlogit[n] k[n],   dk[n] = s dlogit[n] q[row]
 //   dgrad_out[row] = sum_n dg[n] v[n],  dv[n] = dg[n] grad_out[row]
 // dq and dgrad_out are zero outside `row`.
+#include "getam_map.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,10 +29,7 @@ namespace {
 // Tokens per task in the passes that combine heads; small enough to spread B * N over threads.
 constexpr int64_t kTokenBlock = 256;
 
-struct Dims {
-  int64_t L, B, H, N, D;
-  int64_t lbh() const { return L * B * H; }
-};
+using wsss_fast::getam_map::Dims;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -202,25 +201,7 @@ void backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, 
 Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& grad_out, int64_t row) {
   CHECK_CPU(q);
-  CHECK_DEVICE(k, q);
-  CHECK_DEVICE(v, q);
-  CHECK_DEVICE(grad_out, q);
-  CHECK_DIM(q, 5);
-  const Dims dm{q.size(0), q.size(1), q.size(2), q.size(3), q.size(4)};
-  CHECK_SHAPE(k, dm.L, dm.B, dm.H, dm.N, dm.D);
-  CHECK_SHAPE(v, dm.L, dm.B, dm.H, dm.N, dm.D);
-  CHECK_SHAPE(grad_out, dm.L, dm.B, dm.H, dm.N, dm.D);
-  CHECK_CONTIGUOUS(q);
-  CHECK_CONTIGUOUS(k);
-  CHECK_CONTIGUOUS(v);
-  CHECK_CONTIGUOUS(grad_out);
-  CHECK_FLOATING(q);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
-                  grad_out.scalar_type() == q.scalar_type(),
-              "q, k, v and grad_out must have one dtype, got ", q.scalar_type(), ", ",
-              k.scalar_type(), ", ", v.scalar_type(), " and ", grad_out.scalar_type());
-  TORCH_CHECK(0 <= row && row < dm.N, "row must be in [0, N = ", dm.N, "), got ", row);
-  return dm;
+  return wsss_fast::getam_map::check_inputs(q, k, v, grad_out, row);
 }
 
 at::ScalarType acc_dtype(const at::Tensor& q) {

@@ -3,6 +3,8 @@
 // `iters` updates m_i <- sum_k aff[k, i] m[tap_k(i)] then gathers the neighbours from the previous
 // state (two ping-pong buffers), so the [B, C, K, H, W] tensor the published code unfolds at every
 // iteration never exists. Coordinates are clamped (replicate padding). Parallel over (b, y) rows.
+#include "par.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,7 +19,8 @@
 // offset length of ring tap k (d on the axes, sqrt(2) d on the diagonals) and sigma_p the unbiased
 // std of the K lengths. It depends on the dilations only, so it is computed once, in double, on
 // the host; cuda/par.cu uses it too.
-std::vector<double> par_position_weights(const std::vector<int64_t>& dilations, double w_pos) {
+std::vector<double> wsss_fast::par::par_position_weights(const std::vector<int64_t>& dilations,
+                                                         double w_pos) {
   std::vector<double> len;
   for (const int64_t dilation : dilations) {
     const double d = static_cast<double>(dilation);
@@ -187,7 +190,7 @@ void run(const at::Tensor& image, const at::Tensor& x0, at::Tensor (&buf)[2], bo
   const int64_t K = static_cast<int64_t>(ring.size());
   std::vector<acc_t> pos;
   if (par) {
-    for (const double p : par_position_weights(dilations, w_pos))
+    for (const double p : wsss_fast::par::par_position_weights(dilations, w_pos))
       pos.push_back(static_cast<acc_t>(p));
   }
   at::Tensor aff = at::empty({B, K, H, W}, x0.options());
@@ -219,21 +222,7 @@ at::Tensor refine_cpu(const at::Tensor& image, const at::Tensor& masks, at::IntA
                       int64_t iters, double w_pos, bool par) {
   const char* op = par ? "par_forward" : "pamr_forward";
   CHECK_CPU(image);
-  CHECK_DEVICE(masks, image);
-  CHECK_DIM(image, 4);
-  CHECK_DIM(masks, 4);
-  const int64_t B = image.size(0), H = image.size(2), W = image.size(3), C = masks.size(1);
-  CHECK_SHAPE(image, B, 3, H, W);
-  CHECK_SHAPE(masks, B, C, H, W);
-  CHECK_CONTIGUOUS(image);
-  CHECK_CONTIGUOUS(masks);
-  CHECK_FLOATING(image);
-  CHECK_FLOATING(masks);
-  TORCH_CHECK(!dilations.empty(), op, ": dilations must not be empty");
-  for (const int64_t d : dilations) {
-    TORCH_CHECK(d >= 1, op, ": every dilation must be >= 1, got ", d);
-  }
-  TORCH_CHECK(iters >= 0, op, ": iters must be >= 0, got ", iters);
+  wsss_fast::par::check_inputs(op, image, masks, dilations, iters);
   if (iters == 0 || masks.numel() == 0) return masks.clone();
 
   const bool use_double = image.scalar_type() == at::kDouble || masks.scalar_type() == at::kDouble;

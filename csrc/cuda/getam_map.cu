@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "getam_map.h"
 #include "wsss_fast.h"
 
 namespace {
@@ -496,31 +497,12 @@ void run_backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-struct Dims {
-  int64_t L, B, H, N, D;
-};
+using wsss_fast::getam_map::Dims;
 
 Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& grad_out, int64_t row) {
   CHECK_CUDA(q);
-  CHECK_DEVICE(k, q);
-  CHECK_DEVICE(v, q);
-  CHECK_DEVICE(grad_out, q);
-  CHECK_DIM(q, 5);
-  const Dims dm{q.size(0), q.size(1), q.size(2), q.size(3), q.size(4)};
-  CHECK_SHAPE(k, dm.L, dm.B, dm.H, dm.N, dm.D);
-  CHECK_SHAPE(v, dm.L, dm.B, dm.H, dm.N, dm.D);
-  CHECK_SHAPE(grad_out, dm.L, dm.B, dm.H, dm.N, dm.D);
-  CHECK_CONTIGUOUS(q);
-  CHECK_CONTIGUOUS(k);
-  CHECK_CONTIGUOUS(v);
-  CHECK_CONTIGUOUS(grad_out);
-  CHECK_FLOATING(q);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
-                  grad_out.scalar_type() == q.scalar_type(),
-              "q, k, v and grad_out must have one dtype, got ", q.scalar_type(), ", ",
-              k.scalar_type(), ", ", v.scalar_type(), " and ", grad_out.scalar_type());
-  TORCH_CHECK(0 <= row && row < dm.N, "row must be in [0, N = ", dm.N, "), got ", row);
+  const Dims dm = wsss_fast::getam_map::check_inputs(q, k, v, grad_out, row);
   TORCH_CHECK(dm.D <= kMaxHeadDim, "getam_map's CUDA kernels take head dims D <= ", kMaxHeadDim,
               ", got ", dm.D, "; use wsss_fast.use_backend('torch') for larger heads");
   return dm;

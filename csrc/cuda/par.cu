@@ -17,10 +17,8 @@
 #include <limits>
 #include <vector>
 
+#include "par.h"
 #include "wsss_fast.h"
-
-// PAR's w_pos-weighted position softmax over the K ring taps, [K] (defined in cpu/par.cpp).
-std::vector<double> par_position_weights(const std::vector<int64_t>& dilations, double w_pos);
 
 namespace {
 
@@ -244,7 +242,8 @@ void run(const at::Tensor& image, const at::Tensor& x0, at::Tensor (&buf)[2], bo
       par ? ring
           : to_device(window_taps(dilations, /*with_centre=*/true, extent), at::kInt, device);
   const at::Tensor pos =
-      par ? to_device(par_position_weights(dilations, w_pos), at::kDouble, device).to(acc)
+      par ? to_device(wsss_fast::par::par_position_weights(dilations, w_pos), at::kDouble, device)
+                .to(acc)
           : at::Tensor();
   at::Tensor aff = at::empty({B, K, H, W}, x0.options());
   const int2* ring_ptr = reinterpret_cast<const int2*>(ring.data_ptr<int>());
@@ -282,21 +281,8 @@ at::Tensor refine_cuda(const at::Tensor& image, const at::Tensor& masks, at::Int
                        int64_t iters, double w_pos, bool par) {
   const char* op = par ? "par_forward" : "pamr_forward";
   CHECK_CUDA(image);
-  CHECK_DEVICE(masks, image);
-  CHECK_DIM(image, 4);
-  CHECK_DIM(masks, 4);
+  wsss_fast::par::check_inputs(op, image, masks, dilations, iters);
   const int64_t B = image.size(0), H = image.size(2), W = image.size(3), C = masks.size(1);
-  CHECK_SHAPE(image, B, 3, H, W);
-  CHECK_SHAPE(masks, B, C, H, W);
-  CHECK_CONTIGUOUS(image);
-  CHECK_CONTIGUOUS(masks);
-  CHECK_FLOATING(image);
-  CHECK_FLOATING(masks);
-  TORCH_CHECK(!dilations.empty(), op, ": dilations must not be empty");
-  for (const int64_t d : dilations) {
-    TORCH_CHECK(d >= 1, op, ": every dilation must be >= 1, got ", d);
-  }
-  TORCH_CHECK(iters >= 0, op, ": iters must be >= 0, got ", iters);
   // Tap coordinates are int: y + dy < 2 max(H, W) must fit.
   TORCH_CHECK(H < (1 << 30) && W < (1 << 30), op, ": H and W must be < 2^30");
   TORCH_CHECK(B <= kMaxGridYZ, op, ": batch size must be <= 65535, got ", B);
