@@ -8,7 +8,7 @@ engine into a run folder (``config.yaml``, ``log.txt``, ``ckpt_<step>.pt``).
 ``wsss-fast make-synthetic ROOT`` writes the built-in synthetic data set.
 ``wsss-fast demo`` (``--method random-walk``, the default) refines a seed map on a synthetic image
 with ``random_walk`` on every available backend and checks them against the reference;
-``wsss-fast demo --method aream --out DIR`` trains AReAM on the synthetic set, makes CAMs and
+``wsss-fast demo --method aream|getam|crt --out DIR`` trains the method on the synthetic set, makes CAMs and
 pseudo masks of its train split, evaluates them and writes ``DIR/metrics.json``.
 """
 
@@ -124,10 +124,12 @@ def _demo_scene(side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.method == "aream":
-        return _demo_aream(args)
+    if args.method != "random-walk":
+        return _demo_method(args)
     if args.overrides:
-        raise CLIError(f"key=value overrides are for --method aream, got {args.overrides}")
+        raise CLIError(
+            f"key=value overrides are for a method demo (--method aream ...), got {args.overrides}"
+        )
     return _demo_random_walk(args)
 
 
@@ -205,8 +207,10 @@ class CLIError(Exception):
 
 
 def _load_config(path: str | None, overrides: list[str]):
-    import wsss_fast.methods  # noqa: F401  (registers the methods' config sections)
     from wsss_fast.engine import load_config
+    from wsss_fast.methods import register_all
+
+    register_all()
 
     if path is not None and not os.path.isfile(path):
         raise CLIError(f"config file {path} not found")
@@ -330,15 +334,16 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_aream(args: argparse.Namespace) -> int:
+def _demo_method(args: argparse.Namespace) -> int:
     from wsss_fast.engine.infer import infer_split
 
-    config = args.config or str(REPO_CONFIGS / "aream_synthetic.yaml")
+    name = args.method
+    config = args.config or str(REPO_CONFIGS / f"{name}_synthetic.yaml")
     out = Path(args.out)
     cfg = _load_config(config, [*args.overrides, f"train.out_dir={out / 'run'}"])
-    if cfg.method != "aream":
-        raise CLIError(f"{config}: method is {cfg.method!r}, the demo needs aream")
-    print(f"AReAM demo: config {config}, data {cfg.data.root}, output {out}")
+    if cfg.method != name:
+        raise CLIError(f"{config}: method is {cfg.method!r}, the demo needs {name}")
+    print(f"{name} demo: config {config}, data {cfg.data.root}, output {out}")
     _, result, train_s = _train(cfg)
     t0 = time.perf_counter()
     split = cfg.data.train_split
@@ -369,6 +374,8 @@ def _add_infer(sub, name: str, help: str, func) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from wsss_fast.methods import METHODS
+
     parser = argparse.ArgumentParser(prog="wsss-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, GPU, backends and how the extension was built")
@@ -396,20 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="random-walk refinement on every backend (default), or --method aream: train AReAM "
-        "on the synthetic set and evaluate its CAMs and pseudo masks",
+        help="random-walk refinement on every backend (default), or --method aream|getam|crt: "
+        "train the method on the synthetic set and evaluate its CAMs and pseudo masks",
     )
-    p.add_argument("--method", choices=["random-walk", "aream"], default="random-walk")
+    p.add_argument("--method", choices=["random-walk", *METHODS], default="random-walk")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument(
-        "--config", default=None, help="aream: config (default configs/aream_synthetic.yaml)"
+        "--config",
+        default=None,
+        help="a method's config (default configs/<method>_synthetic.yaml)",
     )
     p.add_argument(
         "--side", type=int, default=48, help="random-walk: image side in pixels (M = side^2)"
     )
     p.add_argument("--steps", type=int, default=64, help="random-walk: steps")
     p.add_argument("--seed", type=int, default=0, help="random-walk: seed")
-    p.add_argument("overrides", nargs="*", help="aream: config overrides section.key=value")
+    p.add_argument("overrides", nargs="*", help="method: config overrides section.key=value")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -6,15 +6,16 @@ otherwise). Outputs go under ``<run>/infer_<split>/`` by default:
 
 * ``cams/<name>.npy`` — ``{"keys": present class ids, "cam": [K, H, W] float32}`` per image
   (:func:`wsss_fast.eval.save_cam`), the method's evaluation CAMs;
-* ``pseudo/<name>.png`` — palette PNG pseudo masks: the CAMs of the present classes against a
-  constant background score ``cfg.eval.bg_threshold``, refined with ``par`` (the AReAM settings
-  ``par_iters``, ``par_dilations``, ``par_w_pos``, ``par_down_scale``), argmax;
+* ``pseudo/<name>.png`` — palette PNG pseudo masks, by the method's rule
+  (``method.pseudo_masks``; AReAM: the CAMs against a constant background score
+  ``cfg.eval.bg_threshold``, refined with ``par``, argmax);
 * ``metrics.json`` — ``cam_miou`` (CAM labels at ``cfg.eval.bg_threshold``, one confusion
   matrix over the split, no threshold sweep), ``pseudo_miou`` when pseudo masks exist, and the
   full :meth:`ConfusionMatrix.summary` of each;
 * ``overlays/<name>.png`` — ``image | CAM | pseudo | ground truth`` panels for a few images.
 
-Only ``method: aream`` is wired so far; its CAM inference is scale 1 with flip.
+The CAMs and pseudo masks come from the method object (``method.cams``, ``method.pseudo_masks``;
+see :mod:`wsss_fast.methods`), so every registered method runs through the same functions.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from wsss_fast.eval import (
 )
 
 __all__ = [
-    "METHODS",
     "build_method",
     "default_infer_dir",
     "ensure_data",
@@ -57,17 +57,14 @@ __all__ = [
     "resolve_device",
 ]
 
-METHODS = ("aream",)
-"""Methods the command line can train and run inference with."""
-
 
 def build_method(cfg: Config):
-    """The method object ``cfg.method`` names (its config section registered)."""
-    if cfg.method == "aream":
-        from wsss_fast.methods.aream import AReAM
+    """The method object ``cfg.method`` names, built with its config section."""
+    from wsss_fast.methods import METHODS, method_class
 
-        return AReAM(cfg.aream)
-    raise ConfigError(f"method={cfg.method!r}; expected one of {list(METHODS)}")
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method={cfg.method!r}; expected one of {sorted(METHODS)}")
+    return method_class(cfg.method)(cfg.sections[cfg.method])
 
 
 def _num_classes(cfg: Config) -> int:
@@ -113,8 +110,9 @@ def _backend(cfg: Config):
 def load_run(run_dir: str | Path, overrides=()) -> tuple[Config, object, nn.Module, Path]:
     """``(cfg, method, model, checkpoint)`` of a run folder: its saved config (with
     ``overrides`` applied) and the model of its newest checkpoint, in eval mode on the CPU."""
-    import wsss_fast.methods  # noqa: F401  (registers the methods' config sections)
+    from wsss_fast.methods import register_all
 
+    register_all()
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
@@ -156,18 +154,11 @@ def _present(label: torch.Tensor) -> torch.Tensor:
 def make_cams(
     cfg: Config, model: nn.Module, dataset, out_dir: str | Path, *, progress: bool = True
 ) -> int:
-    """Write ``out_dir/cams/<name>.npy`` for every image of ``dataset``; returns the count."""
-    if cfg.method != "aream":
-        raise ConfigError(f"make_cams: method={cfg.method!r} is not wired; expected 'aream'")
-    if tuple(cfg.eval.scales) != (1.0,) or not cfg.eval.flip:
-        raise ConfigError(
-            "AReAM CAM inference is scale 1 with flip (the published rule); got "
-            f"eval.scales={list(cfg.eval.scales)}, eval.flip={cfg.eval.flip}"
-        )
+    """Write ``out_dir/cams/<name>.npy`` (the present classes' CAMs from ``method.cams``) for
+    every image of ``dataset`` (normalised, no augmentation); returns the count."""
     from tqdm.auto import tqdm
 
-    from wsss_fast.methods.aream import cams
-
+    method = build_method(cfg)
     device = resolve_device(cfg)
     model = model.to(device).eval()
     cam_dir = Path(out_dir) / "cams"
@@ -175,7 +166,8 @@ def make_cams(
         for i in tqdm(range(len(dataset)), desc="CAMs", disable=not progress):
             s = dataset[i]
             label = s["label"].float()
-            cam = cams(model, s["image"][None].to(device), label[None].to(device))[0].cpu()
+            image = s["image"][None].to(device)
+            cam = method.cams(model, image, label[None].to(device), cfg.eval)[0].float().cpu()
             idx = _present(label)
             save_cam(cam_dir / f"{s['name']}.npy", cam[idx], (idx + 1).numpy())
     return len(dataset)
@@ -191,14 +183,11 @@ def _full_cam(record: dict, num_classes: int, shape) -> torch.Tensor:
 
 def make_pseudo(cfg: Config, dataset, out_dir: str | Path, *, progress: bool = True) -> int:
     """Write ``out_dir/pseudo/<name>.png`` from the CAMs in ``out_dir/cams`` (run
-    :func:`make_cams` first): background score ``cfg.eval.bg_threshold``, ``par`` refinement
-    with the AReAM settings, argmax. ``dataset`` must give un-normalised images
-    (``eval_dataset(..., normalize=False)``). Returns the count."""
+    :func:`make_cams` first) by the method's rule (``method.pseudo_masks``). ``dataset`` must
+    give un-normalised images (``eval_dataset(..., normalize=False)``). Returns the count."""
     from tqdm.auto import tqdm
 
-    from wsss_fast.methods.aream import cam_to_labels
-
-    a = cfg.aream
+    method = build_method(cfg)
     out_dir = Path(out_dir)
     C = _num_classes(cfg)
     device = resolve_device(cfg)
@@ -211,15 +200,8 @@ def make_pseudo(cfg: Config, dataset, out_dir: str | Path, *, progress: bool = T
             image01 = s["image"].float()
             cam = _full_cam(load_cam(path), C, image01.shape[-2:])
             label = s["label"].float()
-            mask = cam_to_labels(
-                cam[None].to(device),
-                image01[None].to(device),
-                label[None].to(device),
-                cfg.eval.bg_threshold,
-                down_scale=a.par_down_scale,
-                par_iters=a.par_iters,
-                par_dilations=tuple(a.par_dilations),
-                par_w_pos=a.par_w_pos,
+            mask = method.pseudo_masks(
+                cam[None].to(device), image01[None].to(device), label[None].to(device), cfg.eval
             )[0]
             save_mask_png(out_dir / "pseudo" / f"{s['name']}.png", mask.cpu().numpy())
     return len(dataset)

@@ -432,6 +432,37 @@ class AReAM:
             (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def cams(
+        self, model: nn.Module, image: torch.Tensor, label: torch.Tensor, eval_cfg: Any = None
+    ) -> torch.Tensor:
+        """Evaluation CAMs (:func:`cams`): scale 1 with flip, the published rule; ``eval_cfg``
+        (the engine's ``eval`` section) must ask for exactly that."""
+        if eval_cfg is not None and (
+            tuple(eval_cfg.scales) != (1.0,) or not getattr(eval_cfg, "flip", True)
+        ):
+            raise ValueError(
+                "AReAM CAM inference is scale 1 with flip (the published rule); got "
+                f"eval.scales={list(eval_cfg.scales)}, eval.flip={eval_cfg.flip}"
+            )
+        return cams(model, image, label)
+
+    def pseudo_masks(
+        self, cam: torch.Tensor, image01: torch.Tensor, label: torch.Tensor, eval_cfg: Any
+    ) -> torch.Tensor:
+        """Pseudo masks ``[B, H, W]`` from evaluation CAMs: :func:`cam_to_labels` at the
+        background score ``eval_cfg.bg_threshold`` with this config's PAR settings."""
+        cfg = self.config
+        return cam_to_labels(
+            cam,
+            image01,
+            label,
+            eval_cfg.bg_threshold,
+            down_scale=cfg.par_down_scale,
+            par_iters=cfg.par_iters,
+            par_dilations=tuple(cfg.par_dilations),
+            par_w_pos=cfg.par_w_pos,
+        )
+
     @torch.no_grad()
     def pseudo_labels(
         self,
