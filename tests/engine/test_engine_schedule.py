@@ -80,3 +80,21 @@ def test_poly_quirk_sets_momentum_to_weight_decay():
     assert plain.param_groups[0]["momentum"] == 0.9
     assert plain.param_groups[0]["weight_decay"] == 5e-4
     assert math.isclose(build_optimizer(OptimConfig(), [w1]).param_groups[0]["lr"], 6.25e-5)
+
+
+def test_lr_factor_multiplies_the_schedule_and_survives_resume():
+    # A phase rule: full lr for the first half, a tenth afterwards, on top of poly decay
+    # 0.1 * (1 - s/10) ** 0.9: at s = 2 (0.8**0.9 = 0.818052) and s = 5 (0.5**0.9 = 0.535887).
+    def tenth_after_half(step, total):
+        return 1.0 if step < total // 2 else 0.1
+
+    s = WarmupPolyLR(_sgd(0.1), total_steps=10, power=0.9, lr_factor=tenth_after_half)
+    lrs = _lrs(s, 6)
+    assert lrs[2] == pytest.approx(0.0818052, abs=1e-7)
+    assert lrs[5] == pytest.approx(0.00535887, abs=1e-8)
+    # A scheduler rebuilt from the state dict continues with the factor applied.
+    t = WarmupPolyLR(_sgd(0.1), total_steps=10, power=0.9, lr_factor=tenth_after_half)
+    assert "lr_factor" not in s.state_dict()  # code is not state (checkpoints load weights_only)
+    t.load_state_dict(s.state_dict())
+    t.optimizer.param_groups[0]["lr"] = s.optimizer.param_groups[0]["lr"]
+    assert _lrs(t, 1)[0] == pytest.approx(_lrs(s, 1)[0])

@@ -72,7 +72,10 @@ class StepInfo:
 @runtime_checkable
 class Method(Protocol):
     """What a method gives the loop. ``param_groups(model, cfg)`` is optional: without it every
-    parameter that requires grad is optimised with the config's lr and weight decay.
+    parameter that requires grad is optimised with the config's lr and weight decay (a group may
+    set its own ``lr``, e.g. 10x for new heads). ``lr_factor(step, total_steps) -> float`` is
+    optional too: it multiplies the schedule's lr at every step (e.g. GETAM's one tenth in its
+    second phase); it must be a pure function of its arguments, so resume stays exact.
 
     ``training_step(model, batch, info)`` returns a dict of scalar tensors that includes
     ``"loss"`` (what is backpropagated); the other entries are logged. ``model`` may be wrapped in
@@ -255,7 +258,13 @@ def _train(cfg, method, dataset, callbacks, info: distributed.DistInfo) -> Train
     else:
         params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = build_optimizer(o, params)
-    scheduler = build_scheduler(cfg.schedule, optimizer, total_steps, steps_per_epoch)
+    scheduler = build_scheduler(
+        cfg.schedule,
+        optimizer,
+        total_steps,
+        steps_per_epoch,
+        lr_factor=getattr(method, "lr_factor", None),
+    )
     on_cuda = device.type == "cuda"
     use_amp = on_cuda and t.precision != "fp32"
     amp_dtype = torch.float16 if t.precision == "fp16" else torch.bfloat16

@@ -9,7 +9,8 @@ lr is ``base_lr * f(s)`` with
 - cosine: ``f = m + (1 - m) * (1 + cos(pi * p)) / 2``;
 - poly: ``f = m + (1 - m) * (1 - p) ** power``;
 
-where ``p = (s - w) / (T - w)`` clipped to [0, 1] and ``m = min_lr_ratio``. With no warm-up and
+where ``p = (s - w) / (T - w)`` clipped to [0, 1] and ``m = min_lr_ratio``; an optional
+``lr_factor(s, T)`` (a pure function of the step, e.g. a method's phase rule) multiplies ``f``. With no warm-up and
 ``m = 0``, poly is the PSA/IRN ``PolyOptimizer`` rule ``lr0 * (1 - s / T) ** 0.9``.
 """
 
@@ -32,6 +33,7 @@ class _WarmupLR(LRScheduler):
         warmup_steps: int = 0,
         warmup_start: float = 0.0,
         min_lr_ratio: float = 0.0,
+        lr_factor=None,
         last_epoch: int = -1,
     ):
         if total_steps < 1:
@@ -40,19 +42,32 @@ class _WarmupLR(LRScheduler):
         self.warmup_steps = max(0, int(warmup_steps))
         self.warmup_start = float(warmup_start)
         self.min_lr_ratio = float(min_lr_ratio)
+        self.lr_factor = lr_factor
         super().__init__(optimizer, last_epoch)
 
     def _decay(self, progress: float) -> float:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        # lr_factor is code, not state: it is given again when the scheduler is rebuilt.
+        return {k: v for k, v in super().state_dict().items() if k != "lr_factor"}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = {k: v for k, v in state_dict.items() if k != "lr_factor"}
+        super().load_state_dict(state)
+
     def factor(self, step: int) -> float:
         """The lr multiplier at optimizer step ``step`` (0-based)."""
         w = self.warmup_steps
         if step < w:
-            return self.warmup_start + (1.0 - self.warmup_start) * step / w
+            f = self.warmup_start + (1.0 - self.warmup_start) * step / w
+            return (
+                f if self.lr_factor is None else f * float(self.lr_factor(step, self.total_steps))
+            )
         progress = min(1.0, max(0.0, (step - w) / max(1, self.total_steps - w)))
         m = self.min_lr_ratio
-        return m + (1.0 - m) * self._decay(progress)
+        extra = 1.0 if self.lr_factor is None else float(self.lr_factor(step, self.total_steps))
+        return (m + (1.0 - m) * self._decay(progress)) * extra
 
     def get_lr(self) -> list[float]:
         f = self.factor(self.last_epoch)
@@ -98,11 +113,19 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(cfg, optimizer, total_steps: int, steps_per_epoch: int) -> LRScheduler:
+def build_scheduler(
+    cfg, optimizer, total_steps: int, steps_per_epoch: int, lr_factor=None
+) -> LRScheduler:
     """The schedule of a :class:`~wsss_fast.engine.config.ScheduleConfig`; warm-up is
-    ``warmup_steps + round(warmup_epochs * steps_per_epoch)`` steps."""
+    ``warmup_steps + round(warmup_epochs * steps_per_epoch)`` steps; ``lr_factor(step,
+    total_steps)``, when given, multiplies every group's lr (a method's phase rule)."""
     warmup = cfg.warmup_steps + round(cfg.warmup_epochs * steps_per_epoch)
-    kwargs = dict(warmup_steps=warmup, warmup_start=cfg.warmup_start, min_lr_ratio=cfg.min_lr_ratio)
+    kwargs = dict(
+        warmup_steps=warmup,
+        warmup_start=cfg.warmup_start,
+        min_lr_ratio=cfg.min_lr_ratio,
+        lr_factor=lr_factor,
+    )
     if cfg.name == "cosine":
         return WarmupCosineLR(optimizer, total_steps, **kwargs)
     if cfg.name == "poly":

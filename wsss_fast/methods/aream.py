@@ -37,7 +37,7 @@ from wsss_fast._backend import BackendNotImplementedError, use_backend
 from wsss_fast.data.transforms import denormalize
 from wsss_fast.engine.config import register_section
 from wsss_fast.eval.cams import minmax_normalize
-from wsss_fast.nn import capture, patch_timm
+from wsss_fast.nn import capture, create_vit, patch_timm
 
 __all__ = [
     "AReAM",
@@ -70,6 +70,9 @@ class AReAMConfig:
     """Foreground classes C (20 for VOC, 80 for COCO); class ids in labels are 1..C, 0 is bg."""
     pretrained: str | None = None
     """Local timm checkpoint (``.pth`` / ``.safetensors``) of the plain ViT; nothing is fetched."""
+    stem: str = "patch"
+    """``"patch"`` (timm's patchify stem) or ``"conv"`` (:class:`wsss_fast.nn.ConvStemEmbed`,
+    for training from scratch; no pretrained weights)."""
     drop_path_rate: float = 0.1
     layer_index: float = 7
     cls_epochs: int = 10
@@ -209,25 +212,18 @@ class ClassTokenViT(nn.Module):
 
 def build_backbone(cfg: AReAMConfig) -> ClassTokenViT:
     """The timm ViT of ``cfg`` (weights from ``cfg.pretrained`` when set) as a ClassTokenViT."""
-    import timm
-
-    kwargs = dict(cfg.backbone_kwargs)
-    kwargs.update(
-        num_classes=0,
-        class_token=True,
-        img_size=cfg.img_size,
-        drop_path_rate=cfg.drop_path_rate,
+    vit = create_vit(
+        cfg.backbone,
+        stem=cfg.stem,
+        pretrained=cfg.pretrained,
+        **{
+            **cfg.backbone_kwargs,
+            "num_classes": 0,
+            "class_token": True,
+            "img_size": cfg.img_size,
+            "drop_path_rate": cfg.drop_path_rate,
+        },
     )
-    if cfg.pretrained:
-        # timm's own loader: it resamples the position embedding to img_size and drops the head.
-        vit = timm.create_model(
-            cfg.backbone,
-            pretrained=True,
-            pretrained_cfg_overlay={"file": str(cfg.pretrained)},
-            **kwargs,
-        )
-    else:
-        vit = timm.create_model(cfg.backbone, pretrained=False, **kwargs)
     return ClassTokenViT(vit, cfg.num_classes)
 
 
