@@ -66,6 +66,11 @@ class DataConfig:
     # "train": rescale/flip/jitter/crop (AFA, AReAM Conformer); "timm": RandomResizedCrop recipe
     # (AReAM MCTformer); "none": images as stored (they must share one size to batch).
     augment: str = "train"
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    """``augment: train``: the random rescale range (AFA/AReAM: 0.5-2.0). On small images a
+    narrower range keeps the image labels true of the crop (the synthetic configs use one)."""
+    color_jitter: bool = True
+    """``augment: train``: colour jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8."""
     batch_size: int = 8
     """Per process; the global batch is ``batch_size * world_size * optim.accum_steps``."""
     num_workers: int = 0
@@ -73,6 +78,12 @@ class DataConfig:
 
     def __post_init__(self):
         _check_choice("data", "augment", self.augment, {"train", "timm", "none"})
+        lo, hi = (float(v) for v in self.scale_range)
+        if not 0 < lo <= hi:
+            raise ConfigError(
+                f"data.scale_range={list(self.scale_range)}; expected [low, high] with 0 < low <= high"
+            )
+        self.scale_range = (lo, hi)
 
 
 @dataclass

@@ -116,7 +116,11 @@ def build_train_dataset(cfg: Config) -> Dataset:
     """The training split of ``cfg.data`` with its augmentation."""
     d = cfg.data
     transform = {
-        "train": lambda: train_transform(d.crop_size),
+        "train": lambda: train_transform(
+            d.crop_size,
+            scale_range=tuple(d.scale_range),
+            jitter=(0.4, 0.4, 0.2, 0.1) if d.color_jitter else None,
+        ),
         "timm": lambda: timm_train_transform(d.crop_size),
         "none": lambda: None,
     }[d.augment]()
