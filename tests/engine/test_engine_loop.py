@@ -37,6 +37,32 @@ def test_loss_decreases_and_logs(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000024.pt"]
 
 
+class _PreviewToy(ToyMethod):
+    """The toy method with a ``preview``: a fixed image, a ramp CAM and a two-class mask."""
+
+    def preview(self, model, batch):
+        n = 2
+        cam = torch.linspace(0, 1, 8)[None, None, :].expand(n, 6, 8)
+        pseudo = torch.zeros(n, 6, 8, dtype=torch.long)
+        pseudo[:, :, 4:] = 1
+        return {"image": torch.full((n, 3, 6, 8), 0.5), "cam": cam, "pseudo": pseudo.numpy()}
+
+
+def test_tensorboard_scalars_and_preview_grids(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = toy_config(tmp_path, "train.epochs=2", "train.tensorboard=true", "train.image_every=4")
+    train(cfg, _PreviewToy(), ToyDataset(16))
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    images = events.Images("preview")
+    assert [e.step for e in images] == [4, 8]  # 8 steps, one grid every 4
+    # 2 rows (images) of 3 panels (image | CAM | pseudo), each 6 x 8.
+    assert (images[0].height, images[0].width) == (12, 24)
+
+
 RESUME_CASES = {
     # kill after step 5; newest checkpoint at 3: 3 of 4 steps into epoch 0 (mid-epoch)
     "mid-epoch": (["train.ckpt_every=3"], 5, 3),

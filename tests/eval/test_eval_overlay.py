@@ -13,6 +13,7 @@ from wsss_fast.eval import (
     jet,
     make_panel,
     mask_overlay,
+    preview_grid,
     save_panel,
     voc_palette,
 )
@@ -114,3 +115,21 @@ def test_panel_layout_and_colours(tmp_path):
 
     only_image = make_panel(image, titles=False, gap=0)
     np.testing.assert_array_equal(only_image, image)  # no panels, no legend, no titles
+
+
+def test_preview_grid_rows_and_panels():
+    image = np.zeros((2, 3, 4, 5), np.float32)
+    image[1] = 1.0
+    cam = np.zeros((2, 4, 5), np.float32)
+    pseudo = np.zeros((2, 4, 5), np.int64)
+    pseudo[0, :, 3:] = 1
+    grid = preview_grid(image, cam, pseudo)
+    assert grid.shape == (8, 15, 3) and grid.dtype == np.uint8
+    assert (grid[4:, :5] == 255).all()  # row 2's image is white
+    # pseudo panel of row 1: background black, class 1 in VOC's dark red (128, 0, 0)
+    assert (grid[0, 10] == 0).all() and tuple(grid[0, 13]) == (128, 0, 0)
+    # CAM 0 blended half-and-half with a black image: jet(0) = (0, 0, 128) -> (0, 0, 64)
+    assert tuple(grid[0, 5]) == (0, 0, 64)
+    assert preview_grid(image).shape == (8, 5, 3)  # the image column alone
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        preview_grid(image[0])

@@ -3,6 +3,7 @@ every backend, and the evaluation CAMs."""
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -327,3 +328,20 @@ def test_pseudo_labels_compose_the_published_steps(method_and_model):
             got = method.pseudo_labels(model, image, label, batch["crop_box"])
     assert torch.equal(got, expected)
     assert (got == 0).any() and ((got > 0) & (got < IGNORE_INDEX)).any()
+
+
+def test_preview_gives_images_cams_and_pseudo_labels(method_and_model):
+    method, model = method_and_model
+    model.train()
+    batch = make_batch()
+    shown = method.preview(model, batch, n=2)
+    assert model.training  # the preview leaves the training mode as it was
+    assert shown["image"].shape == (2, 3, 48, 48)
+    assert 0.0 <= float(shown["image"].min()) and float(shown["image"].max()) <= 1.0
+    assert shown["cam"].shape == (2, 48, 48)
+    pseudo = shown["pseudo"]
+    assert pseudo.shape == (2, 48, 48)
+    # Image 1 has only class 1 (id 2): its labels are background, class id 2 or ignored, and
+    # everything outside its crop box [8, 40) x [0, 32) is ignored.
+    assert set(np.unique(pseudo[1])) <= {0, 2, IGNORE_INDEX}
+    assert (pseudo[1, :8] == IGNORE_INDEX).all() and (pseudo[1, :, 32:] == IGNORE_INDEX).all()

@@ -167,6 +167,9 @@ class TrainConfig:
     keep_last: int = 2
     progress: bool = True
     tensorboard: bool = True
+    image_every: int = 100
+    """With TensorBoard on: every N optimizer steps (0: never) an ``image | CAM | pseudo mask``
+    grid of the current batch's first images, from the method's ``preview`` (when it has one)."""
 
     def __post_init__(self):
         _check_choice("train", "precision", self.precision, {"bf16", "fp16", "fp32"})

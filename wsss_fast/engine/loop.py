@@ -16,7 +16,9 @@ Logging: every ``train.log_every`` steps a line with the loss terms (averaged ov
 since the last line and over ranks), lr, it/s and peak memory (CUDA ``max_memory_allocated``,
 or the process's peak RSS on CPU) goes to stdout and ``<out_dir>/log.txt``. TensorBoard scalars
 are written too when ``train.tensorboard`` and ``torch.utils.tensorboard`` imports (it needs the
-``tensorboard`` package; without it they are skipped silently).
+``tensorboard`` package, ``pip install wsss_fast[tb]``; without it they are skipped silently), and
+every ``train.image_every`` steps an ``image | CAM | pseudo mask`` grid of the batch when the method
+has ``preview(model, batch) -> {"image": [N,3,H,W] in [0,1], "cam": [N,H,W], "pseudo": [N,H,W]}``.
 """
 
 from __future__ import annotations
@@ -178,6 +180,22 @@ class _Logger:
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
+
+    def preview(self, method, model: nn.Module, batch: dict, step: int) -> None:
+        """The method's ``preview`` of ``batch`` as an image grid (TensorBoard ``preview``)."""
+        if self.writer is None or not hasattr(method, "preview"):
+            return
+        from wsss_fast.eval.overlay import preview_grid
+
+        with torch.no_grad():
+            shown = method.preview(model, batch)
+
+        def numpy(key):
+            v = shown.get(key)
+            return None if v is None else v.detach().float().cpu().numpy()
+
+        grid = preview_grid(numpy("image"), numpy("cam"), shown.get("pseudo"))
+        self.writer.add_image("preview", grid, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.writer is not None:
@@ -411,6 +429,8 @@ def _train(cfg, method, dataset, callbacks, info: distributed.DistInfo) -> Train
                     history.append({"step": step, **means, "lr": lr})
                     log.scalars({**{f"train/{k}": v for k, v in means.items()}, "lr": lr}, step)
                     sums, logged_steps, last_time = {}, 0, now
+                if t.image_every > 0 and step % t.image_every == 0:
+                    log.preview(method, raw_model, batch, step)
 
                 if (t.ckpt_every > 0 and step % t.ckpt_every == 0) or step == total_steps:
                     save(step)

@@ -31,6 +31,7 @@ from wsss_fast.eval.overlay import (
     jet,
     make_panel,
     mask_overlay,
+    preview_grid,
     save_panel,
     save_rgb_png,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "load_mask_png",
     "make_panel",
     "mask_overlay",
+    "preview_grid",
     "max_normalize",
     "minmax_normalize",
     "save_cam",

@@ -232,3 +232,29 @@ def save_rgb_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write a uint8 ``[H, W, 3]`` array (a heat map, an overlay) as an RGB PNG."""
     image = _check_image("save_rgb_png", image)
     return atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+
+
+def preview_grid(
+    image01: np.ndarray, cam: np.ndarray | None = None, pseudo: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows ``image | CAM heat map | pseudo mask`` for a few training images, one row each:
+    uint8 ``[N * H, k * W, 3]`` (k = the panels given). What the engine writes to TensorBoard.
+
+    Args:
+        image01: float ``[N, 3, H, W]`` images in ``[0, 1]``.
+        cam: float ``[N, H, W]`` (or ``[N, K, H, W]``, shown as the max over classes) in ``[0, 1]``.
+        pseudo: integer ``[N, H, W]`` masks (0..C, 255 ignored), drawn in the VOC palette.
+    """
+    image01 = np.asarray(image01, dtype=np.float32)
+    if image01.ndim != 4 or image01.shape[1] != 3:
+        raise ValueError(f"preview_grid: image01 must be [N, 3, H, W], got {image01.shape}")
+    rows = []
+    for i in range(image01.shape[0]):
+        img = np.round(np.clip(image01[i].transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
+        row = [img]
+        if cam is not None:
+            row.append(cam_heatmap(img, np.asarray(cam[i], dtype=np.float32)))
+        if pseudo is not None:
+            row.append(colorize_mask(np.asarray(pseudo[i]).astype(np.int64)))
+        rows.append(np.concatenate(row, axis=1))
+    return np.concatenate(rows, axis=0)

@@ -460,6 +460,27 @@ class AReAM:
         )
 
     @torch.no_grad()
+    def preview(self, model: nn.Module, batch: Mapping[str, Any], n: int = 4) -> dict:
+        """What the engine shows in TensorBoard for the first ``n`` images of ``batch``: the
+        images in ``[0, 1]``, their evaluation CAMs (max over present classes) and their online
+        pseudo labels."""
+        core = _unwrap(model)
+        image, label = batch["image"][:n], batch["label"][:n].float()
+        box = batch.get("crop_box")
+        was_training = core.training
+        core.eval()
+        try:
+            cam = cams(core, image, label).amax(1)
+        finally:
+            core.train(was_training)
+        pseudo = self.pseudo_labels(core, image, label, None if box is None else box[:n])
+        return {
+            "image": denormalize(image.float()).clamp(0, 1),
+            "cam": cam,
+            "pseudo": pseudo.cpu().numpy(),
+        }
+
+    @torch.no_grad()
     def pseudo_labels(
         self,
         model: nn.Module,
