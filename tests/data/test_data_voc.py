@@ -296,3 +296,34 @@ def test_build_dataset(voc_root):
     assert isinstance(build_dataset("voc", root, "val"), VOCDataset)
     with pytest.raises(ValueError, match="unknown data set kind 'pascal'.*'coco'"):
         build_dataset("pascal", root, "val")
+
+
+def test_saliency_maps_are_binarised_and_move_with_the_crop(voc_root):
+    from PIL import Image
+
+    root, images, _ = voc_root
+    name = "2007_000039"
+    h, w = images[name].shape[:2]
+    sal = np.zeros((h, w), np.uint8)
+    sal[:, : w // 2] = 200  # salient left half
+    sal[0, -1] = 1  # any value above 0 counts as salient
+    (root / "sal").mkdir()
+    Image.fromarray(sal).save(root / "sal" / f"{name}.png")
+    ds = VOCDataset(root, "val", with_mask=True, saliency_dir="sal")
+    s = ds[0]
+    assert s["saliency"].dtype == torch.int64 and s["saliency"].shape == (h, w)
+    want = torch.from_numpy((sal > 0).astype(np.int64))
+    assert torch.equal(s["saliency"], want)
+    # Crop larger than the image: the saliency map is padded with 255 like the mask, and it
+    # stays aligned with the mask through rescale, flip and crop.
+    t = train_transform(max(h, w) + 16, scale_range=(0.7, 1.3), jitter=None)
+    aug = VOCDataset(root, "val", with_mask=True, saliency_dir="sal", transform=t)[0]
+    pad = aug["mask"] == 255
+    assert ((aug["saliency"] == 255) <= pad).all()
+    assert (aug["saliency"][aug["mask"] != 255] != 255).all()
+    # Missing folder and missing file name the fix / the file.
+    with pytest.raises(DatasetLayoutError, match="saliency folder"):
+        VOCDataset(root, "val", saliency_dir="nowhere")
+    (root / "sal" / f"{name}.png").unlink()
+    with pytest.raises(SampleError, match=f"{name}.png"):
+        VOCDataset(root, "val", saliency_dir="sal")[0]

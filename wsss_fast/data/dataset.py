@@ -11,6 +11,8 @@ key             type / shape                 meaning
                                              absent when ``with_label=False``
 ``mask``        int64 ``[H, W]``             0 = background, 1..C, 255 = ignore; only when
                                              the data set was built ``with_mask``
+``saliency``    int64 ``[H, W]``             1 salient, 0 not (255 in padding); only with a
+                                             ``saliency_dir`` (GETAM's optional saliency maps)
 ``name``        str                          the sample's name in the split list
 ``crop_box``    int64 ``[4]``                ``[y0, y1, x0, x1]``: the real pixels inside the
                                              output (AFA's ``img_box``); padding lies outside
@@ -40,6 +42,7 @@ from wsss_fast.data.io import (
     read_image,
     read_list,
     read_mask,
+    read_saliency,
 )
 from wsss_fast.data.labels import resolve_labels
 from wsss_fast.data.transforms import normalize
@@ -103,8 +106,18 @@ class SegmentationDataset(Dataset):
         cache_dir: str | os.PathLike | None = None,
         seed: int = 0,
         normalize: bool = True,
+        saliency_dir: str | os.PathLike | None = None,
     ):
         self.root = Path(root)
+        self.saliency_dir = None
+        if saliency_dir is not None:
+            sal = Path(saliency_dir)
+            self.saliency_dir = sal if sal.is_absolute() else self.root / sal
+            if not self.saliency_dir.is_dir():
+                raise DatasetLayoutError(
+                    f"saliency folder {self.saliency_dir} not found; put one <name>.png per image "
+                    "there or leave saliency_dir unset"
+                )
         self.split = split
         self.class_names = tuple(class_names)
         self.num_classes = len(self.class_names) - 1
@@ -301,6 +314,16 @@ class SegmentationDataset(Dataset):
                     f"mask values {np.unique(mask[bad]).tolist()} are outside 0..{self.num_classes} and {IGNORE_INDEX}",
                 )
             sample["mask"] = torch.from_numpy(mask.astype(np.int64))
+        if self.saliency_dir is not None:
+            spath = self.saliency_dir / f"{name}.png"
+            sal = read_saliency(spath, name)
+            if sal.shape != (h, w):
+                raise SampleError(
+                    name,
+                    spath,
+                    f"saliency map is {sal.shape[0]}x{sal.shape[1]} but image {path.name} is {h}x{w}",
+                )
+            sample["saliency"] = torch.from_numpy(sal.astype(np.int64))
         if self.transform is not None:
             sample = self.transform(sample, rng if rng is not None else self.generator(index))
         out = {
@@ -313,6 +336,8 @@ class SegmentationDataset(Dataset):
             out["label"] = torch.from_numpy(self.labels[name].copy())
         if self.with_mask:
             out["mask"] = sample["mask"]
+        if self.saliency_dir is not None:
+            out["saliency"] = sample["saliency"]
         return out
 
     def __repr__(self) -> str:

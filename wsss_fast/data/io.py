@@ -99,6 +99,28 @@ def read_image(path: str | os.PathLike, name: str) -> np.ndarray:
     return np.asarray(rgb)
 
 
+def read_saliency(path: str | os.PathLike, name: str) -> np.ndarray:
+    """Read a saliency map (grey PNG/JPEG, any bit depth, colour converted to grey) and binarise
+    it as GETAM does: ``1`` where the value is above 0, else ``0``.
+
+    Returns:
+        uint8 array ``[H, W]`` of 0/1.
+
+    Raises:
+        SampleError: missing, empty or undecodable file.
+    """
+    path = Path(path)
+    _check_file(path, name)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            grey = im if im.mode in ("L", "I", "I;16", "F") else im.convert("L")
+            arr = np.asarray(grey)
+    except _DECODE_ERRORS as e:
+        raise SampleError(name, path, f"corrupt or unreadable saliency map ({e})") from None
+    return (arr > 0).astype(np.uint8)
+
+
 def read_mask(path: str | os.PathLike, name: str) -> np.ndarray:
     """Read an index mask (palette PNG as VOC ships, or 8-bit grey as SBD/COCO conversions do).
 

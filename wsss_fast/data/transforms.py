@@ -5,13 +5,15 @@ A transform is a callable ``t(sample, rng) -> sample``. ``sample`` is a dict:
 - ``image``: float32 ``[3, H, W]`` RGB in [0, 1] (not yet normalised; the data set normalises
   after the transforms, see :func:`normalize`);
 - ``mask`` (optional): int64 ``[H, W]``, 0..C and 255 = ignore;
+- ``saliency`` (optional): int64 ``[H, W]``, 1 salient, 0 not, 255 unknown (padding);
 - ``crop_box``: int64 ``[4]`` = ``[y0, y1, x0, x1]``, the region of the current image that holds
   real pixels (AFA's ``img_box``; the padding a crop adds lies outside it).
 
 ``rng`` is a ``torch.Generator`` or ``numpy.random.Generator``; every random draw comes from it, so
 a sample's augmentation depends only on the generator's seed (the data set seeds one per sample
 from ``(seed, epoch, index)``, independent of worker count and order). Geometric transforms move
-the mask with nearest-neighbour interpolation and pad it with 255, and keep ``crop_box`` right.
+the dense maps (``DENSE_KEYS``: mask, saliency) with nearest-neighbour interpolation and pad them
+with 255, and keep ``crop_box`` right.
 
 Example (AReAM's Conformer / AFA recipe)::
 
@@ -53,6 +55,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Rng = torch.Generator | np.random.Generator
+
+
+DENSE_KEYS = ("mask", "saliency")
+"""Per-pixel maps that geometric transforms move with the image (nearest, padded with 255)."""
+
+
+def _dense(sample: dict) -> list[str]:
+    return [k for k in DENSE_KEYS if sample.get(k) is not None]
 
 
 def _uniform(rng: Rng, lo: float, hi: float) -> float:
@@ -155,12 +165,12 @@ def resize_sample(sample: dict, height: int, width: int) -> dict:
     out["image"] = F.interpolate(
         img[None], size=(height, width), mode="bicubic", align_corners=False, antialias=True
     )[0].clamp_(0.0, 1.0)
-    if sample.get("mask") is not None:
+    for key in _dense(sample):
         # nearest-exact samples pixel centres, so a flip commutes with the resize.
         m = F.interpolate(
-            sample["mask"][None, None].float(), size=(height, width), mode="nearest-exact"
+            sample[key][None, None].float(), size=(height, width), mode="nearest-exact"
         )
-        out["mask"] = m[0, 0].to(torch.int64)
+        out[key] = m[0, 0].to(torch.int64)
     box = _box(sample).double()
     box[:2] *= height / h
     box[2:] *= width / w
@@ -266,12 +276,12 @@ class RandomCrop:
             :, y0 - pad_y : y1 - pad_y, x0 - pad_x : x1 - pad_x
         ]
         out["image"] = crop
-        if sample.get("mask") is not None:
+        for key in _dense(sample):
             m = torch.full((ch, cw), self.ignore_index, dtype=torch.int64)
-            m[y0 - top : y1 - top, x0 - left : x1 - left] = sample["mask"][
+            m[y0 - top : y1 - top, x0 - left : x1 - left] = sample[key][
                 y0 - pad_y : y1 - pad_y, x0 - pad_x : x1 - pad_x
             ]
-            out["mask"] = m
+            out[key] = m
         box = _box(sample).clone()
         box[:2] = (box[:2] + pad_y - top).clamp(0, ch)
         box[2:] = (box[2:] + pad_x - left).clamp(0, cw)
@@ -324,8 +334,8 @@ class RandomResizedCrop:
         top, left, ch, cw = self._window(h, w, rng)
         out = dict(sample)
         out["image"] = sample["image"][:, top : top + ch, left : left + cw]
-        if sample.get("mask") is not None:
-            out["mask"] = sample["mask"][top : top + ch, left : left + cw]
+        for key in _dense(sample):
+            out[key] = sample[key][top : top + ch, left : left + cw]
         box = _box(sample).clone()
         box[:2] = (box[:2] - top).clamp(0, ch)
         box[2:] = (box[2:] - left).clamp(0, cw)
@@ -347,8 +357,8 @@ class RandomHorizontalFlip:
             return sample
         out = dict(sample)
         out["image"] = sample["image"].flip(-1)
-        if sample.get("mask") is not None:
-            out["mask"] = sample["mask"].flip(-1)
+        for key in _dense(sample):
+            out[key] = sample[key].flip(-1)
         w = sample["image"].shape[-1]
         y0, y1, x0, x1 = _box(sample).tolist()
         out["crop_box"] = torch.tensor([y0, y1, w - x1, w - x0], dtype=torch.int64)

@@ -127,7 +127,13 @@ def build_train_dataset(cfg: Config) -> Dataset:
         "none": lambda: None,
     }[d.augment]()
     return build_dataset(
-        d.kind, d.root, d.train_split, transform=transform, with_mask=False, seed=d.seed
+        d.kind,
+        d.root,
+        d.train_split,
+        transform=transform,
+        with_mask=False,
+        seed=d.seed,
+        saliency_dir=d.saliency_dir,
     )
 
 

@@ -24,6 +24,7 @@ __all__ = ["METHODS", "AReAM", "AReAMConfig", "method_class", "register_all"]
 
 METHODS: dict[str, tuple[str, str]] = {
     "aream": ("wsss_fast.methods.aream", "AReAM"),
+    "getam": ("wsss_fast.methods.getam", "GETAM"),
     "crt": ("wsss_fast.methods.crt", "CRT"),
 }
 """Method name (the config's ``method:``) -> (module, class)."""
