@@ -106,6 +106,43 @@ def test_cam_pseudo_eval(run_dir, capsys):
     assert "cam_miou" in capsys.readouterr().out
 
 
+def _sharded_worker(rank: int, world: int, port: int, run: str, out: str) -> None:
+    import os
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    assert main(["cam", run, "--out", out]) == 0
+    assert main(["pseudo", run, "--out", out]) == 0
+
+
+def test_cam_and_pseudo_sharded_over_two_processes(run_dir, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two, one = tmp_path / "two", tmp_path / "one"
+    mp.spawn(_sharded_worker, args=(2, port, str(run_dir), str(two)), nprocs=2, join=True)
+    assert main(["cam", str(run_dir), "--out", str(one)]) == 0
+    assert main(["pseudo", str(run_dir), "--out", str(one)]) == 0
+    names = sorted(p.name for p in (one / "cams").glob("*.npy"))
+    assert len(names) == 4 and sorted(p.name for p in (two / "cams").glob("*.npy")) == names
+    for name in names:  # every image once, the same CAM as one process makes
+        a, b = load_cam(one / "cams" / name), load_cam(two / "cams" / name)
+        assert np.array_equal(a["keys"], b["keys"])
+        np.testing.assert_allclose(a["cam"], b["cam"], rtol=0, atol=1e-6)
+        png = name.replace(".npy", ".png")
+        with Image.open(one / "pseudo" / png) as x, Image.open(two / "pseudo" / png) as y:
+            assert np.array_equal(np.array(x), np.array(y))
+
+
 def test_eval_threshold_from_overrides(run_dir, tmp_path):
     out = tmp_path / "t"
     assert main(["cam", str(run_dir), "--out", str(out)]) == 0

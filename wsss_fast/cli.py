@@ -253,14 +253,38 @@ def _infer_setup(args: argparse.Namespace):
     return cfg, model, ckpt, split, out
 
 
+class _Ranks:
+    """Under torchrun, the process group for sharded inference (a no-op in one process)."""
+
+    def __init__(self, cfg):
+        from wsss_fast.engine import distributed
+
+        self._d = distributed
+        self.info = distributed.setup(cfg.train.device)
+
+    def kwargs(self) -> dict:
+        return {"rank": self.info.rank, "world_size": self.info.world_size}
+
+    def done(self) -> None:
+        import torch.distributed as dist
+
+        if self.info.distributed:
+            dist.barrier()
+        self._d.teardown(self.info)
+
+
 def cmd_cam(args: argparse.Namespace) -> int:
     from wsss_fast.engine.infer import eval_dataset, make_cams
 
     cfg, model, ckpt, split, out = _infer_setup(args)
+    ranks = _Ranks(cfg)
     t0 = time.perf_counter()
-    n = make_cams(cfg, model, eval_dataset(cfg, split, with_mask=False), out)
+    n = make_cams(cfg, model, eval_dataset(cfg, split, with_mask=False), out, **ranks.kwargs())
+    ranks.done()
+    who = f" (rank {ranks.info.rank} of {ranks.info.world_size})" if ranks.info.distributed else ""
     print(
-        f"{n} CAMs of split {split!r} from {ckpt} in {time.perf_counter() - t0:.1f} s -> {out / 'cams'}"
+        f"{n} CAMs of split {split!r}{who} from {ckpt} in {time.perf_counter() - t0:.1f} s -> "
+        f"{out / 'cams'}"
     )
     return 0
 
@@ -282,10 +306,14 @@ def cmd_pseudo(args: argparse.Namespace) -> int:
     from wsss_fast.engine.infer import eval_dataset, make_pseudo
 
     cfg, split, out = _run_config(args)
+    ranks = _Ranks(cfg)
     t0 = time.perf_counter()
-    n = make_pseudo(cfg, eval_dataset(cfg, split, with_mask=False, normalize=False), out)
+    dataset = eval_dataset(cfg, split, with_mask=False, normalize=False)
+    n = make_pseudo(cfg, dataset, out, **ranks.kwargs())
+    ranks.done()
+    who = f" (rank {ranks.info.rank} of {ranks.info.world_size})" if ranks.info.distributed else ""
     print(
-        f"{n} pseudo masks of split {split!r} (bg score {cfg.eval.bg_threshold}) in "
+        f"{n} pseudo masks of split {split!r}{who} (bg score {cfg.eval.bg_threshold}) in "
         f"{time.perf_counter() - t0:.1f} s -> {out / 'pseudo'}"
     )
     return 0
@@ -309,6 +337,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from wsss_fast.engine.infer import eval_dataset, evaluate
 
     cfg, split, out = _run_config(args)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reads every rank's files
     metrics = evaluate(
         cfg,
         eval_dataset(cfg, split, with_mask=True, normalize=False),

@@ -14,6 +14,9 @@ otherwise). Outputs go under ``<run>/infer_<split>/`` by default:
   full :meth:`ConfusionMatrix.summary` of each;
 * ``overlays/<name>.png`` — ``image | CAM | pseudo | ground truth`` panels for a few images.
 
+Under ``torchrun`` the ``cam`` and ``pseudo`` commands split the images over the ranks
+(:func:`shard`, each rank writing its own files); ``eval`` reads them all on rank 0.
+
 The CAMs and pseudo masks come from the method object (``method.cams``, ``method.pseudo_masks``;
 see :mod:`wsss_fast.methods`), so every registered method runs through the same functions.
 """
@@ -55,6 +58,7 @@ __all__ = [
     "make_cams",
     "make_pseudo",
     "resolve_device",
+    "shard",
 ]
 
 
@@ -151,26 +155,43 @@ def _present(label: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(label > 0).flatten()
 
 
+def shard(n: int, rank: int = 0, world_size: int = 1) -> range:
+    """The sample indices rank ``rank`` of ``world_size`` handles: ``rank, rank + world, ...``
+    (every index exactly once over the ranks; each rank writes its own files)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    return range(rank, n, world_size)
+
+
 def make_cams(
-    cfg: Config, model: nn.Module, dataset, out_dir: str | Path, *, progress: bool = True
+    cfg: Config,
+    model: nn.Module,
+    dataset,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> int:
     """Write ``out_dir/cams/<name>.npy`` (the present classes' CAMs from ``method.cams``) for
-    every image of ``dataset`` (normalised, no augmentation); returns the count."""
+    the images of ``dataset`` (normalised, no augmentation) in this rank's :func:`shard`;
+    returns how many it wrote."""
     from tqdm.auto import tqdm
 
     method = build_method(cfg)
     device = resolve_device(cfg)
     model = model.to(device).eval()
     cam_dir = Path(out_dir) / "cams"
+    todo = shard(len(dataset), rank, world_size)
     with _backend(cfg):
-        for i in tqdm(range(len(dataset)), desc="CAMs", disable=not progress):
+        for i in tqdm(todo, desc="CAMs", disable=not progress or rank != 0):
             s = dataset[i]
             label = s["label"].float()
             image = s["image"][None].to(device)
             cam = method.cams(model, image, label[None].to(device), cfg.eval)[0].float().cpu()
             idx = _present(label)
             save_cam(cam_dir / f"{s['name']}.npy", cam[idx], (idx + 1).numpy())
-    return len(dataset)
+    return len(todo)
 
 
 def _full_cam(record: dict, num_classes: int, shape) -> torch.Tensor:
@@ -181,18 +202,28 @@ def _full_cam(record: dict, num_classes: int, shape) -> torch.Tensor:
     return full
 
 
-def make_pseudo(cfg: Config, dataset, out_dir: str | Path, *, progress: bool = True) -> int:
+def make_pseudo(
+    cfg: Config,
+    dataset,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> int:
     """Write ``out_dir/pseudo/<name>.png`` from the CAMs in ``out_dir/cams`` (run
-    :func:`make_cams` first) by the method's rule (``method.pseudo_masks``). ``dataset`` must
-    give un-normalised images (``eval_dataset(..., normalize=False)``). Returns the count."""
+    :func:`make_cams` first) by the method's rule (``method.pseudo_masks``), for this rank's
+    :func:`shard`. ``dataset`` must give un-normalised images
+    (``eval_dataset(..., normalize=False)``). Returns how many it wrote."""
     from tqdm.auto import tqdm
 
     method = build_method(cfg)
     out_dir = Path(out_dir)
     C = _num_classes(cfg)
     device = resolve_device(cfg)
+    todo = shard(len(dataset), rank, world_size)
     with _backend(cfg):
-        for i in tqdm(range(len(dataset)), desc="pseudo masks", disable=not progress):
+        for i in tqdm(todo, desc="pseudo masks", disable=not progress or rank != 0):
             s = dataset[i]
             path = out_dir / "cams" / f"{s['name']}.npy"
             if not path.is_file():
@@ -204,7 +235,7 @@ def make_pseudo(cfg: Config, dataset, out_dir: str | Path, *, progress: bool = T
                 cam[None].to(device), image01[None].to(device), label[None].to(device), cfg.eval
             )[0]
             save_mask_png(out_dir / "pseudo" / f"{s['name']}.png", mask.cpu().numpy())
-    return len(dataset)
+    return len(todo)
 
 
 def evaluate(

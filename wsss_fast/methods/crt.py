@@ -360,7 +360,8 @@ class TiledViT(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tiles, grid = tile(image, self.tile_size, self.stride)
-        maps = merge(self.tile_maps(tiles), grid, self.stride // self.patch)
+        # Merged in float32 (the tile maps are bfloat16 under autocast).
+        maps = merge(self.tile_maps(tiles).float(), grid, self.stride // self.patch)
         return maps, maps.mean((2, 3))
 
 
@@ -533,7 +534,9 @@ def cams(
     total = None
     for s in scales:
         size = (max(1, round(H * s)), max(1, round(W * s)))
-        x = image if size == (H, W) else F.interpolate(image, size=size, mode="bilinear")
+        x = image
+        if size != (H, W):
+            x = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         if flip:
             both = _scaled_cam(vit, torch.cat([x, x.flip(-1)]))
             cam = both[:B] + both[B:].flip(-1)
