@@ -143,3 +143,23 @@ def test_loads_through_the_voc_loader(tmp_path):
         isinstance(VOCDataset(root, "train"), VOCDataset)
         and VOCDataset(root, "train").num_classes == 5
     )
+
+
+def test_object_size_and_clutter_parameters(tmp_path):
+    def mean_object_fraction(root):
+        fg = [
+            np.isin(np.array(Image.open(p)), np.arange(1, 7)).mean()
+            for p in sorted((root / "SegmentationClass").glob("train_*.png"))
+        ]
+        return float(np.mean(fg))
+
+    small = make_synthetic(tmp_path / "a", seed=3, **SMALL)
+    large = make_synthetic(tmp_path / "b", seed=3, object_size=(0.3, 0.4), clutter=(0, 0), **SMALL)
+    # Radius 0.3-0.4 against 0.13-0.24 of the side: objects cover clearly more of the image.
+    assert mean_object_fraction(large) > 1.5 * mean_object_fraction(small)
+    gen = json.loads((large / "dataset.json").read_text())["generator"]
+    assert gen["object_size"] == [0.3, 0.4] and gen["clutter"] == [0, 0]
+    with pytest.raises(ValueError, match="object_size"):
+        make_synthetic(tmp_path / "c", object_size=(0.3, 0.2), **SMALL)
+    with pytest.raises(ValueError, match="clutter"):
+        make_synthetic(tmp_path / "c", clutter=(-1, 2), **SMALL)

@@ -202,8 +202,11 @@ def _coverage(kind, size, cx, cy, radius, angle, aspect):
     return alpha, (y0, y1, x0, x1)
 
 
-def _background(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Smooth two-colour noise, faint ripples and clutter; float ``[size, size, 3]`` in [0, 1]."""
+def _background(
+    size: int, rng: np.random.Generator, clutter: tuple[int, int] = (5, 10)
+) -> np.ndarray:
+    """Smooth two-colour noise, faint ripples and ``clutter[0]..clutter[1]`` clutter items;
+    float ``[size, size, 3]`` in [0, 1]."""
     c1, c2 = _colour(rng), _colour(rng)
     coarse = rng.random((5, 5)).astype(np.float32)
     field = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR))
@@ -215,7 +218,7 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
             2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / period + rng.uniform(0, 6.3)
         )
         img = img + 0.04 * ripple[..., None]
-    for _ in range(int(rng.integers(5, 11))):
+    for _ in range(int(rng.integers(clutter[0], clutter[1] + 1))):
         kind = rng.integers(0, 3)
         col = _colour(rng)
         if kind == 0:  # a line segment
@@ -243,7 +246,13 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def render_image(
-    size: int, num_classes: int, max_objects: int, rng: np.random.Generator, boundary: int = 1
+    size: int,
+    num_classes: int,
+    max_objects: int,
+    rng: np.random.Generator,
+    boundary: int = 1,
+    object_size: tuple[float, float] = (0.13, 0.24),
+    clutter: tuple[int, int] = (5, 10),
 ):
     """One synthetic image and its mask.
 
@@ -253,11 +262,13 @@ def render_image(
         max_objects: objects per image are drawn uniformly from 1..max_objects.
         rng: the image's generator.
         boundary: half-width in pixels of the ignore band along every object outline (0: none).
+        object_size: range of an object's radius as a fraction of ``size``.
+        clutter: range (inclusive) of the number of clutter items.
 
     Returns:
         ``(image, mask)``: uint8 ``[size, size, 3]`` and uint8 ``[size, size]`` (0, 1..K, 255).
     """
-    img = _background(size, rng)
+    img = _background(size, rng, clutter)
     instance = np.zeros((size, size), dtype=np.int32)  # 0 background, j + 1 object j
     classes: list[int] = []
     areas: list[int] = []
@@ -265,7 +276,7 @@ def render_image(
         cls = int(rng.integers(0, num_classes))
         shape, texture = SYNTHETIC_CLASSES[cls]
         for _attempt in range(30):
-            radius = rng.uniform(0.13, 0.24) * size
+            radius = rng.uniform(*object_size) * size
             cx, cy = rng.uniform(0.7 * radius, size - 0.7 * radius, 2)
             alpha, (y0, y1, x0, x1) = _coverage(
                 shape, size, cx, cy, radius, rng.uniform(0, 2 * math.pi), rng.uniform(0.8, 1.25)
@@ -321,6 +332,8 @@ def make_synthetic(
     num_classes: int = 6,
     max_objects: int = 3,
     boundary: int = 1,
+    object_size: tuple[float, float] = (0.13, 0.24),
+    clutter: tuple[int, int] = (5, 10),
     progress: bool = True,
 ) -> Path:
     """Generate the synthetic data set under ``root`` unless it is already there.
@@ -336,6 +349,9 @@ def make_synthetic(
         num_classes: K, 2..8; class k is ``SYNTHETIC_CLASSES[k - 1]``.
         max_objects: objects per image are drawn from 1..max_objects.
         boundary: half-width of the 255 band on object outlines.
+        object_size: range of an object's radius as a fraction of ``size`` (clutter stays
+            smaller than the smallest object: its blobs are 0.03-0.075 of ``size``).
+        clutter: range (inclusive) of clutter items per image.
         progress: show a tqdm bar.
 
     Returns:
@@ -355,6 +371,13 @@ def make_synthetic(
             f"boundary >= 0; got size={size}, max_objects={max_objects}, num_train={num_train}, "
             f"num_val={num_val}, boundary={boundary}"
         )
+    lo, hi = (float(v) for v in object_size)
+    c_lo, c_hi = (int(v) for v in clutter)
+    if not 0.08 <= lo <= hi <= 0.45 or not 0 <= c_lo <= c_hi:
+        raise ValueError(
+            "make_synthetic: need 0.08 <= object_size[0] <= object_size[1] <= 0.45 and "
+            f"0 <= clutter[0] <= clutter[1]; got object_size={object_size}, clutter={clutter}"
+        )
     root = Path(root)
     params = {
         "version": GENERATOR_VERSION,
@@ -365,6 +388,8 @@ def make_synthetic(
         "num_classes": num_classes,
         "max_objects": max_objects,
         "boundary": boundary,
+        "object_size": [lo, hi],
+        "clutter": [c_lo, c_hi],
     }
     if _matches(root, params):
         return root
@@ -425,7 +450,13 @@ def _generate(out: Path, params: dict, *, progress: bool, desc: str) -> None:
             for i, name in enumerate(names):
                 rng = np.random.default_rng([params["seed"], _SPLITS[split], i])
                 image, mask = render_image(
-                    params["size"], k, params["max_objects"], rng, params["boundary"]
+                    params["size"],
+                    k,
+                    params["max_objects"],
+                    rng,
+                    params["boundary"],
+                    tuple(params["object_size"]),
+                    tuple(params["clutter"]),
                 )
                 Image.fromarray(image).save(
                     out / "JPEGImages" / f"{name}.jpg", quality=95, subsampling=0

@@ -71,6 +71,9 @@ class DataConfig:
     narrower range keeps the image labels true of the crop (the synthetic configs use one)."""
     color_jitter: bool = True
     """``augment: train``: colour jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8."""
+    synthetic: dict[str, Any] = field(default_factory=dict)
+    """``kind: synthetic``: :func:`~wsss_fast.data.make_synthetic` arguments for a root that does
+    not exist yet (``num_train``, ``size``, ``object_size``, ``clutter``, ...)."""
     saliency_dir: str | None = None
     """Optional folder of saliency maps, ``<name>.png`` per image (relative to ``root`` unless
     absolute), binarised at > 0 and moved with the crop; GETAM uses them when present."""

@@ -84,7 +84,8 @@ def ensure_data(cfg: Config, *, progress: bool = True) -> Path:
     """
     root = Path(cfg.data.root)
     if cfg.data.kind == "synthetic" and (read_metadata(root) or {}).get("name") != "synthetic":
-        make_synthetic(root, num_classes=_num_classes(cfg), seed=cfg.data.seed, progress=progress)
+        kwargs = {"num_classes": _num_classes(cfg), "seed": cfg.data.seed, **cfg.data.synthetic}
+        make_synthetic(root, **kwargs, progress=progress)
     return root
 
 
