@@ -73,6 +73,9 @@ class AReAMConfig:
     stem: str = "patch"
     """``"patch"`` (timm's patchify stem) or ``"conv"`` (:class:`wsss_fast.nn.ConvStemEmbed`,
     for training from scratch; no pretrained weights)."""
+    qk_init: str = "timm"
+    """``"timm"`` or ``"tied"`` (:func:`wsss_fast.nn.backbones.tie_query_key`: attention starts
+    as a similarity kernel; from scratch only)."""
     drop_path_rate: float = 0.1
     layer_index: float = 7
     cls_epochs: int = 10
@@ -215,6 +218,7 @@ def build_backbone(cfg: AReAMConfig) -> ClassTokenViT:
     vit = create_vit(
         cfg.backbone,
         stem=cfg.stem,
+        qk_init=cfg.qk_init,
         pretrained=cfg.pretrained,
         **{
             **cfg.backbone_kwargs,
