@@ -153,7 +153,7 @@ def test_object_size_and_clutter_parameters(tmp_path):
         ]
         return float(np.mean(fg))
 
-    small = make_synthetic(tmp_path / "a", seed=3, **SMALL)
+    small = make_synthetic(tmp_path / "a", seed=3, object_size=(0.13, 0.24), **SMALL)
     large = make_synthetic(tmp_path / "b", seed=3, object_size=(0.3, 0.4), clutter=(0, 0), **SMALL)
     # Radius 0.3-0.4 against 0.13-0.24 of the side: objects cover clearly more of the image.
     assert mean_object_fraction(large) > 1.5 * mean_object_fraction(small)

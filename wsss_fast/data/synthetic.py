@@ -203,7 +203,7 @@ def _coverage(kind, size, cx, cy, radius, angle, aspect):
 
 
 def _background(
-    size: int, rng: np.random.Generator, clutter: tuple[int, int] = (5, 10)
+    size: int, rng: np.random.Generator, clutter: tuple[int, int] = (3, 6)
 ) -> np.ndarray:
     """Smooth two-colour noise, faint ripples and ``clutter[0]..clutter[1]`` clutter items;
     float ``[size, size, 3]`` in [0, 1]."""
@@ -251,8 +251,8 @@ def render_image(
     max_objects: int,
     rng: np.random.Generator,
     boundary: int = 1,
-    object_size: tuple[float, float] = (0.13, 0.24),
-    clutter: tuple[int, int] = (5, 10),
+    object_size: tuple[float, float] = (0.2, 0.32),
+    clutter: tuple[int, int] = (3, 6),
 ):
     """One synthetic image and its mask.
 
@@ -322,6 +322,41 @@ def render_image(
 # --------------------------------------------------------------------------- the data set
 
 
+def synthetic_params(
+    *,
+    num_train: int = 480,
+    num_val: int = 120,
+    size: int = 128,
+    seed: int = 0,
+    num_classes: int = 6,
+    max_objects: int = 3,
+    boundary: int = 1,
+    object_size: tuple[float, float] = (0.2, 0.32),
+    clutter: tuple[int, int] = (3, 6),
+) -> dict:
+    """The generator parameters :func:`make_synthetic` records in ``dataset.json`` for these
+    arguments (checked; see there)."""
+    lo, hi = (float(v) for v in object_size)
+    c_lo, c_hi = (int(v) for v in clutter)
+    if not 0.08 <= lo <= hi <= 0.45 or not 0 <= c_lo <= c_hi:
+        raise ValueError(
+            "make_synthetic: need 0.08 <= object_size[0] <= object_size[1] <= 0.45 and "
+            f"0 <= clutter[0] <= clutter[1]; got object_size={object_size}, clutter={clutter}"
+        )
+    return {
+        "version": GENERATOR_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "size": size,
+        "seed": seed,
+        "num_classes": num_classes,
+        "max_objects": max_objects,
+        "boundary": boundary,
+        "object_size": [lo, hi],
+        "clutter": [c_lo, c_hi],
+    }
+
+
 def make_synthetic(
     root: str | os.PathLike,
     *,
@@ -332,8 +367,8 @@ def make_synthetic(
     num_classes: int = 6,
     max_objects: int = 3,
     boundary: int = 1,
-    object_size: tuple[float, float] = (0.13, 0.24),
-    clutter: tuple[int, int] = (5, 10),
+    object_size: tuple[float, float] = (0.2, 0.32),
+    clutter: tuple[int, int] = (3, 6),
     progress: bool = True,
 ) -> Path:
     """Generate the synthetic data set under ``root`` unless it is already there.
@@ -371,26 +406,18 @@ def make_synthetic(
             f"boundary >= 0; got size={size}, max_objects={max_objects}, num_train={num_train}, "
             f"num_val={num_val}, boundary={boundary}"
         )
-    lo, hi = (float(v) for v in object_size)
-    c_lo, c_hi = (int(v) for v in clutter)
-    if not 0.08 <= lo <= hi <= 0.45 or not 0 <= c_lo <= c_hi:
-        raise ValueError(
-            "make_synthetic: need 0.08 <= object_size[0] <= object_size[1] <= 0.45 and "
-            f"0 <= clutter[0] <= clutter[1]; got object_size={object_size}, clutter={clutter}"
-        )
     root = Path(root)
-    params = {
-        "version": GENERATOR_VERSION,
-        "num_train": num_train,
-        "num_val": num_val,
-        "size": size,
-        "seed": seed,
-        "num_classes": num_classes,
-        "max_objects": max_objects,
-        "boundary": boundary,
-        "object_size": [lo, hi],
-        "clutter": [c_lo, c_hi],
-    }
+    params = synthetic_params(
+        num_train=num_train,
+        num_val=num_val,
+        size=size,
+        seed=seed,
+        num_classes=num_classes,
+        max_objects=max_objects,
+        boundary=boundary,
+        object_size=object_size,
+        clutter=clutter,
+    )
     if _matches(root, params):
         return root
     if (

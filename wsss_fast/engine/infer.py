@@ -78,14 +78,30 @@ def _num_classes(cfg: Config) -> int:
 
 def ensure_data(cfg: Config, *, progress: bool = True) -> Path:
     """For ``data.kind: synthetic``, generate the set under ``data.root`` when the root holds no
-    data set yet (with the method's number of classes); other kinds are left as they are.
+    data set yet (with the method's number of classes and ``data.synthetic``); other kinds are
+    left as they are.
 
-    An existing synthetic root is used as it is (never regenerated with other parameters).
+    An existing synthetic root is used as it is (never regenerated, so nothing is deleted); when
+    it was made with other generator arguments than the config asks for, a warning says so.
     """
+    import warnings
+
+    from wsss_fast.data.synthetic import synthetic_params
+
     root = Path(cfg.data.root)
-    if cfg.data.kind == "synthetic" and (read_metadata(root) or {}).get("name") != "synthetic":
-        kwargs = {"num_classes": _num_classes(cfg), "seed": cfg.data.seed, **cfg.data.synthetic}
+    if cfg.data.kind != "synthetic":
+        return root
+    kwargs = {"num_classes": _num_classes(cfg), "seed": cfg.data.seed, **cfg.data.synthetic}
+    meta = read_metadata(root) or {}
+    if meta.get("name") != "synthetic":
         make_synthetic(root, **kwargs, progress=progress)
+    elif meta.get("generator") != synthetic_params(**kwargs):
+        warnings.warn(
+            f"the synthetic data set under {root} was generated with {meta.get('generator')}, "
+            f"not with what the config asks for ({synthetic_params(**kwargs)}); it is used as it "
+            "is. Delete the folder (or set data.root to a new one) to generate the config's set.",
+            stacklevel=2,
+        )
     return root
 
 
