@@ -159,12 +159,14 @@ def test_slot_pass_masks_images_without_that_slot():
 def test_label_completion_percentile_and_conflicts():
     H = W = 10
     cam = torch.zeros(1, 3, H, W)
+    # Thresholds: the value at rank int(0.9 * n) of the n sorted positive values; class 0:
+    # rank 90 of 100 -> 0.01, class 1: rank 19 of 22 -> 0.02.
     cam[0, 0] = 0.01
-    a = [(2, 2), (2, 3), (2, 4), (2, 5)]  # class 0 at 0.05: above its 90th percentile (0.01)
+    a = [(2, 2), (2, 3), (2, 4), (2, 5)]  # class 0 at 0.05: above its threshold
     for y, x in a:
         cam[0, 0, y, x] = 0.05
     cam[0, 0, 7, 7] = 1.0  # a clear class-0 pixel
-    cam[0, 1, 5, 0:10] = 0.02  # class 1's bulk; its 90th percentile is 0.02
+    cam[0, 1, 5:7, 0:10] = 0.02  # class 1's bulk: 20 of its 22 positive values
     cam[0, 1, 2, 5] = 0.05  # class 1 also above its percentile at one of class 0's pixels
     cam[0, 0, 8, 1], cam[0, 1, 8, 1] = 0.3, 0.8  # class 1 wins the argmax
     cam[0, 2] = 0.9  # absent class: ignored
@@ -181,16 +183,19 @@ def test_label_completion_percentile_and_conflicts():
 
 
 def test_label_completion_saliency_rule():
-    cam = torch.zeros(1, 1, 1, 20)
+    cam = torch.zeros(1, 1, 1, 21)
     cam[0, 0, 0, :10] = 0.5
     cam[0, 0, 0, 18] = 1.0
     cam[0, 0, 0, 19] = 0.2
-    saliency = torch.zeros(1, 1, 20)
+    cam[0, 0, 0, 20] = 0.5
+    saliency = torch.zeros(1, 1, 21, dtype=torch.int64)
     saliency[0, 0, :14] = 1
+    saliency[0, 0, 20] = 255  # padding
     got = complete_labels(cam, torch.ones(1, 1), saliency, opening=0)
     # 0-9: salient class; 10-13: salient, CAM 0 -> ignored; 14-17, 19: not salient -> 0;
-    # 18: not salient but above the 90th percentile of the positive values (0.5) -> completed.
-    want = torch.tensor([[[1] * 10 + [255] * 4 + [0] * 4 + [1, 0]]])
+    # 18: not salient but above the threshold (rank int(0.9 * 13) = 11 of the 13 sorted
+    # positive values: 0.5) -> completed; 20: padding -> ignored.
+    want = torch.tensor([[[1] * 10 + [255] * 4 + [0] * 4 + [1, 0, 255]]])
     assert torch.equal(got, want)
 
 
@@ -203,6 +208,18 @@ def test_opening_removes_small_blob_and_keeps_big_one():
     got = complete_labels(cam, torch.ones(1, 1), opening=10)
     want = torch.zeros(1, H, W, dtype=torch.int64)
     want[0, 5:17, 5:17] = 1
+    assert torch.equal(got, want)
+
+    # Ignored pixels count as foreground for the opening, as published: a small ignored blob
+    # becomes background, a big one stays ignored.
+    cam = torch.zeros(1, 1, H, W)
+    cam[0, 0, 5:17, 5:17] = 1.0
+    saliency = torch.zeros(1, H, W)
+    saliency[0, 5:17, 5:17] = 1
+    saliency[0, 25:37, 2:14] = 1  # salient, CAM 0: ignored, 12 x 12
+    saliency[0, 30:34, 30:34] = 1  # salient, CAM 0: ignored, 4 x 4
+    got = complete_labels(cam, torch.ones(1, 1), saliency, opening=10)
+    want[0, 25:37, 2:14] = IGNORE_INDEX
     assert torch.equal(got, want)
 
 
@@ -254,7 +271,7 @@ def _batch():
         "image": torch.randn(2, 3, 32, 32, generator=g),
         "label": torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
         "crop_box": torch.tensor([[0, 32, 0, 32], [0, 24, 8, 32]]),
-        "saliency": (torch.rand(2, 32, 32, generator=g) > 0.3).float(),
+        "saliency": (torch.rand(2, 32, 32, generator=g) > 0.3).long(),
     }
 
 

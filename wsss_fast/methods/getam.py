@@ -90,6 +90,8 @@ class GETAMConfig:
     """Extra ``timm.create_model`` arguments (``embed_dim``, ``depth``, ``patch_size``, ...)."""
     stem: str = "patch"
     """``"patch"`` (timm's stem, for pretrained weights) or ``"conv"`` (from scratch)."""
+    qk_init: str = "timm"
+    """``"timm"`` or ``"tied"`` (:func:`wsss_fast.nn.backbones.tie_query_key`; from scratch)."""
     img_size: int = 256
     """The size the position embedding is built for; other sizes resample it."""
     num_classes: int = 20
@@ -106,6 +108,10 @@ class GETAMConfig:
     decoder_width: int = 256
     pamr_iters: int = 10
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
+    norm_eps: float = 1e-5
+    """``M / (max M + norm_eps)`` per class. The published 1e-5 is small next to a ViT-B's maps;
+    a tiny model's raw maps can be of that order (lower it then, e.g. 1e-12), or the normalised
+    maxima fall well below 1."""
     bg_power: float = 32.0
     """Background score ``(1 - max_c M_c) ** bg_power``."""
     percentile: float = 0.9
@@ -264,6 +270,11 @@ class GETAMNet(nn.Module):
     def depth(self) -> int:
         return len(self.vit.blocks)
 
+    @property
+    def attn_scale(self) -> float:
+        """The attention scale of the blocks (timm's ``head_dim ** -0.5``)."""
+        return float(self.vit.blocks[0].attn.scale)
+
     def no_weight_decay(self) -> set[str]:
         return {"vit." + n for n in getattr(self.vit, "no_weight_decay", lambda: set())()}
 
@@ -304,6 +315,7 @@ def build_model(cfg: GETAMConfig) -> GETAMNet:
     vit = create_vit(
         cfg.backbone,
         stem=cfg.stem,
+        qk_init=cfg.qk_init,
         pretrained=cfg.pretrained,
         **{
             **cfg.backbone_kwargs,
@@ -431,9 +443,10 @@ def refine_cams(
     out_size: tuple[int, int] | None = None,
     pamr_iters: int = 10,
     pamr_dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24),
+    norm_eps: float = 1e-5,
 ) -> torch.Tensor:
     """Patch maps to normalised CAMs: grid, bilinear upsampling (``align_corners=True``) to the
-    image, PAMR on the de-normalised 0-255 image, ``M / (max M + 1e-5)`` per class, absent
+    image, PAMR on the de-normalised 0-255 image, ``M / (max M + norm_eps)`` per class, absent
     classes zero.
 
     Args:
@@ -459,7 +472,7 @@ def refine_cams(
             cam = _fallback(
                 ops.pamr, img, cam.contiguous(), dilations=tuple(pamr_dilations), iters=pamr_iters
             )
-        cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-5)
+        cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + norm_eps)
         return cam * (label > 0).to(cam.dtype)[:, :, None, None]
 
 
@@ -511,6 +524,7 @@ def getam_cams(
                 cap.v[start:],
                 cap.outputs[start:],
                 num_prefix=core.num_prefix,
+                scale=core.attn_scale,
             )
         if flipped:
             m = m.reshape(B, -1, *grid).flip(-1).flatten(2)
@@ -523,6 +537,7 @@ def getam_cams(
         out_size=(H, W),
         pamr_iters=cfg.pamr_iters,
         pamr_dilations=tuple(cfg.pamr_dilations),
+        norm_eps=cfg.norm_eps,
     )
 
 
@@ -563,17 +578,22 @@ def complete_labels(
     1. ``bg = (1 - max_c M_c) ** bg_power``; ``Y = argmax([bg, M])`` over the background and the
        present classes (class ``c`` is id ``c + 1``). With ``saliency``: ``Y = 0`` becomes 255
        and non-salient pixels become 0, as published; without it ``Y = 0`` stays background.
-    2. For each present class ``c``, ``tau_c`` is the ``percentile`` quantile (linear
-       interpolation, numpy's default) of the positive values of ``M_c``; pixels with
-       ``M_c > tau_c`` that step 1 labelled 0 are claimed by ``c``. A pixel claimed by one class
-       becomes that class, by two or more 255.
-    3. The foreground (ids ``1..C``) is opened with an ``opening x opening`` square
-       (:func:`morphological_opening`); foreground that does not survive becomes 0.
+    2. For each present class ``c``, ``tau_c`` is the value at rank ``int(n * percentile)`` of
+       the ``n`` positive values of ``M_c`` sorted ascending (no class with ``int(n * percentile)
+       == 0``), as published; pixels with ``M_c > tau_c`` that step 1 labelled 0 are claimed by
+       ``c``. A pixel claimed by one class becomes that class, by two or more 255. (The
+       published loop relabels class by class and only claims pixels still at 0, so there the
+       lowest class id wins a conflict; the 255 is what its conflict mask intends.)
+    3. Everything that is not background (class ids and 255, as published) is opened with an
+       ``opening x opening`` square (:func:`morphological_opening`); what does not survive
+       becomes 0. (OpenCV's ``MORPH_OPEN`` with an even kernel uses the same anchor for the
+       erosion and the dilation, which moves the result by one pixel; this is the exact opening.)
 
     Args:
         cam: ``[B, C, H, W]`` normalised CAMs (absent classes are ignored whatever they hold).
         label: ``[B, C]`` multi-hot.
-        saliency: optional ``[B, H, W]`` in ``{0, 1}``, 1 = salient.
+        saliency: optional ``[B, H, W]`` in ``{0, 1}``, 1 = salient; 255 (padding, as the
+            data layer marks it) gives 255.
 
     Returns:
         ``[B, H, W]`` int64: 0 background, ``c + 1`` class ``c``, 255 ignored.
@@ -592,23 +612,27 @@ def complete_labels(
     scores = torch.cat([bg, cam.masked_fill(~present[:, :, None, None], float("-inf"))], 1)
     y = scores.argmax(1)
     if saliency is not None:
-        salient = saliency.to(cam.device) > 0
-        y = y.masked_fill(y == 0, IGNORE_INDEX).masked_fill(~salient, 0)
+        saliency = saliency.to(cam.device)
+        y = y.masked_fill(y == 0, IGNORE_INDEX).masked_fill(saliency == 0, 0)
+        unknown = saliency == IGNORE_INDEX  # padding, as the data layer marks it
     claims = torch.zeros(B, H, W, dtype=torch.int64, device=cam.device)
     claimer = torch.zeros_like(claims)
     for b, c in present.nonzero().tolist():
         m = cam[b, c]
-        positive = m[m > 0]
-        if positive.numel() == 0:
+        positive = torch.sort(m[m > 0]).values
+        rank = int(positive.numel() * percentile)
+        if rank == 0:
             continue
-        tau = torch.quantile(positive, percentile)
+        tau = positive[rank]
         claim = (m > tau) & (y[b] == 0)
         claims[b] += claim
         claimer[b] = torch.where(claim, c + 1, claimer[b])
     y = torch.where(claims == 1, claimer, y)
     y = y.masked_fill(claims >= 2, IGNORE_INDEX)
+    if saliency is not None:
+        y = y.masked_fill(unknown, IGNORE_INDEX)
     if opening > 1:
-        fg = (y > 0) & (y != IGNORE_INDEX)
+        fg = y != 0
         kept = morphological_opening(fg, opening)
         y = y.masked_fill(fg & ~kept, 0)
     return y
@@ -761,6 +785,7 @@ class GETAM:
             grid=grid,
             pamr_iters=cfg.pamr_iters,
             pamr_dilations=tuple(cfg.pamr_dilations),
+            norm_eps=cfg.norm_eps,
         )
         y = complete_labels(
             cam,
@@ -782,7 +807,8 @@ class GETAM:
             model: the :class:`GETAMNet` of :meth:`build_model`, possibly DDP-wrapped.
             batch: ``image`` ``[B, 3, H, W]`` normalised (H, W multiples of the patch size),
                 ``label`` ``[B, C]`` multi-hot, optional ``crop_box`` ``[B, 4]``, optional
-                ``saliency`` ``[B, H, W]`` in ``{0, 1}`` (1 = salient).
+                ``saliency`` ``[B, H, W]`` in ``{0, 1}`` (1 = salient, 255 = padding; the data
+                layer's ``data.saliency_dir``).
             step_info: has ``step`` and ``total_steps`` (attributes or mapping keys).
         """
         cfg = self.config
@@ -819,6 +845,7 @@ class GETAM:
             cap.v[start:],
             cap.outputs[start:],
             num_prefix=core.num_prefix,
+            scale=core.attn_scale,
             retain_graph=True,
         )
         grid = (image.shape[-2] // core.patch_size[0], image.shape[-1] // core.patch_size[1])
@@ -832,8 +859,9 @@ class GETAM:
         loss = cls_loss + bg_loss + fg_loss
         if saliency is not None:
             inside = mask_outside_box(torch.zeros_like(target), batch.get("crop_box")) == 0
+            inside = inside & (saliency != IGNORE_INDEX)
             p_bg = seg.softmax(1)[:, 0].clamp(1e-6, 1 - 1e-6)
-            sal_target = (saliency <= 0).float()
+            sal_target = (saliency == 0).float()
             bce = F.binary_cross_entropy(p_bg, sal_target, reduction="none")
             sal_loss = (bce * inside).sum() / inside.sum().clamp(min=1)
             terms["sal_loss"] = sal_loss
