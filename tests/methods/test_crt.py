@@ -14,6 +14,7 @@ from wsss_fast.methods import METHODS, method_class
 from wsss_fast.methods.crt import (
     CRT,
     CRTConfig,
+    cams,
     class_token_attention,
     merge,
     padded_size,
@@ -270,6 +271,14 @@ def test_param_groups_heads_at_ten_times_lr(method_and_model):
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in backbone["params"]} | head_ids == trainable
     assert id(model.cnn.stem[0].weight) not in trainable
+    with pytest.raises(TypeError, match="optim.lr"):
+        method.param_groups(model, None)
+
+
+def test_tied_query_key_init_reaches_the_vit():
+    model = CRT(tiny_config(vit_qk_init="tied")).build_model()
+    qkv = model.vit.blocks[1].attn.qkv.weight
+    assert torch.equal(qkv[:32], qkv[32:64]) and not torch.equal(qkv[:32], qkv[64:])
 
 
 def test_bad_input_errors(method_and_model):
@@ -293,7 +302,7 @@ def test_bad_input_errors(method_and_model):
 # ---------------------------------------------------------------------------- CAMs
 
 
-def published_cam(model, image: torch.Tensor) -> torch.Tensor:
+def published_cam(model, image: torch.Tensor, attention: bool = True) -> torch.Tensor:
     """One scale with flip, written out with the reference backend's materialised attention,
     before normalisation: each of image and flip zero-padded on its own bottom/right, tiled,
     ``R * maps``, merged, upsampled, cropped, ReLU; the flip's CAM un-flipped and added."""
@@ -306,7 +315,7 @@ def published_cam(model, image: torch.Tensor) -> torch.Tensor:
         with wsss_fast.use_backend("reference"), wsss_fast.capture(vit, export="mean") as cap:
             maps = vit.tile_maps(tiles)
         R = torch.stack([A[:, 0, 1:] for A in cap.exports]).sum(0).reshape(-1, 1, 4, 4)
-        cam = merge(R * maps, grid, STRIDE // PATCH)
+        cam = merge(R * maps if attention else maps, grid, STRIDE // PATCH)
         cam = F.interpolate(cam, size=(Hp, Wp), mode="bilinear", align_corners=False)
         out.append(F.relu(cam[..., :H, :W]))
     return out[0] + out[1].flip(-1)
@@ -322,8 +331,11 @@ def test_cams_match_the_formula_and_are_normalised(method_and_model):
         with torch.no_grad():
             expected = published_cam(model, image)
             expected = expected / (expected.amax((2, 3), keepdim=True) + 1e-5)
+            plain = published_cam(model, image, attention=False)
+            plain = plain / (plain.amax((2, 3), keepdim=True) + 1e-5)
             with wsss_fast.use_backend("torch"):
                 got = method.cams(model, image, label, eval_cfg)
+                ablation = cams(model, image, label, attention=False)
                 two = method.cams(
                     model, image, label, SimpleNamespace(scales=(1.0, 0.5), flip=True)
                 )
@@ -332,6 +344,7 @@ def test_cams_match_the_formula_and_are_normalised(method_and_model):
     assert got.shape == (2, C, 21, 37) and not got.requires_grad
     present = label[:, :, None, None]
     assert_close(got, expected * present, name="cams", atol=1e-5)
+    assert_close(ablation, plain * present, name="cams without attention", atol=1e-5)
     assert (got[0, 1] == 0).all() and (got[1, 0] == 0).all() and (got[1, 2] == 0).all()
     assert got[0, 0].max() > 0.99 and got.min() >= 0 and got.max() < 1
     assert two.shape == got.shape and not torch.equal(two, got)

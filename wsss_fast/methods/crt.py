@@ -87,6 +87,9 @@ class CRTConfig:
     """Local timm checkpoint of the ViT (``.pth`` / ``.safetensors``); nothing is fetched."""
     vit_stem: str = "patch"
     """``"patch"`` (timm's) or ``"conv"`` (:class:`wsss_fast.nn.ConvStemEmbed`, from scratch)."""
+    vit_qk_init: str = "timm"
+    """``"timm"`` or ``"tied"`` (:func:`wsss_fast.nn.backbones.tie_query_key`; from scratch
+    only)."""
     num_classes: int = 20
     tile_size: int = 224
     """Tile side in pixels; also the ViT's ``img_size`` (no position-embedding resampling)."""
@@ -100,6 +103,9 @@ class CRTConfig:
     head_lr_mult: float = 10.0
     """lr multiplier of the new heads (the 1x1 and 3x3 convolutions)."""
     drop_path_rate: float = 0.0
+    cam_attention: bool = True
+    """Weight the evaluation CAMs by the summed class-token attention (published). ``false``
+    uses the conv maps alone: an ablation, not CRT."""
 
 
 register_section("crt", CRTConfig)  # the engine config's ``crt:`` section
@@ -235,6 +241,11 @@ class CNNBranch(nn.Module):
     :meth:`train` is asked (the published ``FixedBatchNorm``).
 
     ``forward(image)`` -> ``(maps [B, C, H/16, W/16], logits [B, C])`` (logits: GAP of maps).
+
+    Output stride 16 comes from timm's ``output_stride=16``, which keeps the last stage at
+    stride 1 and dilates its 3x3 convolutions by 2 (the published torchvision/IRN ResNet sets
+    the last stride to 1 without dilation; the maps have the same size, the receptive field of
+    the last stage is wider here).
     """
 
     def __init__(
@@ -437,6 +448,7 @@ def build_model(cfg: CRTConfig) -> CRTModel:
     vit = create_vit(
         cfg.vit_backbone,
         stem=cfg.vit_stem,
+        qk_init=cfg.vit_qk_init,
         pretrained=cfg.vit_pretrained,
         **{
             **cfg.vit_kwargs,
@@ -480,18 +492,23 @@ def class_token_attention(vit: TiledViT, tiles: torch.Tensor) -> tuple[torch.Ten
     return maps, R.reshape(T, 1, g, g)
 
 
-def _scaled_cam(vit: TiledViT, image: torch.Tensor) -> torch.Tensor:
+def _scaled_cam(vit: TiledViT, image: torch.Tensor, attention: bool = True) -> torch.Tensor:
     """ReLU'd CAMs of ``image`` ``[B, 3, h, w]`` at its own size: ``[B, C, h, w]``.
 
     Zero padding (bottom/right) to :func:`padded_size`, tiles, ``R * maps`` per tile, merged on
     the token grid, upsampled by the patch size (bilinear), cropped to ``h x w``, ReLU.
+    ``attention=False`` leaves out ``R`` (the conv maps alone).
     """
     h, w = image.shape[-2:]
     t, s = vit.tile_size, vit.stride
     Hp, Wp = padded_size(h, t, s), padded_size(w, t, s)
     tiles, grid = tile(F.pad(image, (0, Wp - w, 0, Hp - h)), t, s)
-    maps, R = class_token_attention(vit, tiles)
-    cam = merge(R * maps.float(), grid, s // vit.patch)
+    if attention:
+        maps, R = class_token_attention(vit, tiles)
+        maps = R * maps.float()
+    else:
+        maps = vit.tile_maps(tiles).float()
+    cam = merge(maps, grid, s // vit.patch)
     cam = F.interpolate(cam, size=(Hp, Wp), mode="bilinear", align_corners=False)
     return F.relu(cam[..., :h, :w])
 
@@ -503,6 +520,7 @@ def cams(
     label: torch.Tensor | None = None,
     scales: Sequence[float] = (1.0,),
     flip: bool = True,
+    attention: bool = True,
 ) -> torch.Tensor:
     """Evaluation CAMs from the transformer branch (``step/make_cam.py`` of the published code).
 
@@ -518,6 +536,8 @@ def cams(
         label: optional ``[B, C]`` multi-hot; absent classes are zeroed when given.
         scales: image scales (published: 1.0, 0.5, 1.5, 2.0, 0.75, 1.25, 1.75).
         flip: add the CAM of the flipped image.
+        attention: weight by the summed class-token attention (published); ``False`` is the
+            conv-maps-only ablation.
 
     Returns:
         ``[B, C, H, W]`` float32 in ``[0, 1)``.
@@ -538,10 +558,10 @@ def cams(
         if size != (H, W):
             x = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         if flip:
-            both = _scaled_cam(vit, torch.cat([x, x.flip(-1)]))
+            both = _scaled_cam(vit, torch.cat([x, x.flip(-1)]), attention)
             cam = both[:B] + both[B:].flip(-1)
         else:
-            cam = _scaled_cam(vit, x)
+            cam = _scaled_cam(vit, x, attention)
         if size != (H, W):
             cam = F.interpolate(cam, size=(H, W), mode="bilinear", align_corners=False)
         total = cam if total is None else total + cam
@@ -582,23 +602,24 @@ class CRT:
 
     def param_groups(self, model: nn.Module, cfg: Any = None) -> list[dict]:
         """Backbones at the base lr, the new heads at ``head_lr_mult`` times it (the per-group
-        ``lr``; the engine's schedule scales every group). Frozen parameters are left out. With
-        an engine config, each group carries ``optim.weight_decay`` itself, as the published
-        ``PolyOptimizer`` groups do (so ``optim.poly_quirk`` keeps the weight decay)."""
+        ``lr``; the engine's schedule scales every group). Frozen parameters are left out. Each
+        group carries ``optim.weight_decay`` itself, as the published ``PolyOptimizer`` groups do
+        (so ``optim.poly_quirk`` keeps the weight decay); norms and biases are decayed too."""
         model = _unwrap(model)
         heads = {id(p) for p in model.head_parameters()}
         backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in heads]
         head = [p for p in model.head_parameters() if p.requires_grad]
         optim = getattr(cfg, "optim", None)
-        base_lr = float(optim.lr) if optim is not None else 1.0
-        groups = [
-            {"params": backbone, "lr": base_lr},
-            {"params": head, "lr": base_lr * self.config.head_lr_mult},
+        if optim is None:
+            raise TypeError(
+                "CRT.param_groups needs the engine config (its optim.lr and optim.weight_decay "
+                f"set the groups); got {type(cfg).__name__}"
+            )
+        base_lr, wd = float(optim.lr), float(optim.weight_decay)
+        return [
+            {"params": backbone, "lr": base_lr, "weight_decay": wd},
+            {"params": head, "lr": base_lr * self.config.head_lr_mult, "weight_decay": wd},
         ]
-        if optim is not None:
-            for g in groups:
-                g["weight_decay"] = float(optim.weight_decay)
-        return groups
 
     def cams(
         self, model: nn.Module, image: torch.Tensor, label: torch.Tensor, eval_cfg: Any = None
@@ -606,7 +627,8 @@ class CRT:
         """Evaluation CAMs (:func:`cams`) at ``eval_cfg.scales`` with ``eval_cfg.flip``."""
         scales = tuple(eval_cfg.scales) if eval_cfg is not None else (1.0,)
         flip = bool(getattr(eval_cfg, "flip", True)) if eval_cfg is not None else True
-        return cams(model, image, label, scales=scales, flip=flip)
+        attention = self.config.cam_attention
+        return cams(model, image, label, scales=scales, flip=flip, attention=attention)
 
     def pseudo_masks(
         self, cam: torch.Tensor, image01: torch.Tensor, label: torch.Tensor, eval_cfg: Any
