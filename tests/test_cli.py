@@ -196,11 +196,13 @@ def test_demo_aream(data_root, tmp_path, capsys):
     assert "pseudo_miou" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["aream_synthetic.yaml", "aream_voc.yaml"])
-def test_shipped_configs_load(name):
-    import wsss_fast.methods  # noqa: F401
+@pytest.mark.parametrize("method", ["aream", "getam", "crt"])
+@pytest.mark.parametrize("kind", ["synthetic", "voc"])
+def test_shipped_configs_load(method, kind):
     from wsss_fast.engine import load_config
+    from wsss_fast.methods import register_all
 
-    cfg = load_config(Path(CONFIG).parent / name)
-    assert cfg.method == "aream"
-    assert cfg.aream.num_classes == cfg.model.num_classes
+    register_all()
+    cfg = load_config(Path(CONFIG).parent / f"{method}_{kind}.yaml")
+    assert cfg.method == method
+    assert cfg.sections[method].num_classes == cfg.model.num_classes

@@ -8,8 +8,8 @@ engine into a run folder (``config.yaml``, ``log.txt``, ``ckpt_<step>.pt``).
 ``wsss-fast make-synthetic ROOT`` writes the built-in synthetic data set.
 ``wsss-fast demo`` (``--method random-walk``, the default) refines a seed map on a synthetic image
 with ``random_walk`` on every available backend and checks them against the reference;
-``wsss-fast demo --method aream|getam|crt --out DIR`` trains the method on the synthetic set, makes CAMs and
-pseudo masks of its train split, evaluates them and writes ``DIR/metrics.json``.
+``wsss-fast demo --method aream|getam|crt --out DIR`` trains the method on the synthetic set,
+makes CAMs and pseudo masks of its train split, evaluates them and writes ``DIR/metrics.json``.
 """
 
 from __future__ import annotations
