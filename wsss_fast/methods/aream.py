@@ -37,6 +37,9 @@ from wsss_fast._backend import BackendNotImplementedError, use_backend
 from wsss_fast.data.transforms import denormalize
 from wsss_fast.engine.config import register_section
 from wsss_fast.eval.cams import minmax_normalize
+from wsss_fast.methods._common import section_config
+from wsss_fast.methods._common import step_value as _info
+from wsss_fast.methods._common import unwrap as _unwrap
 from wsss_fast.nn import capture, create_vit, patch_timm
 
 __all__ = [
@@ -93,28 +96,7 @@ register_section("aream", AReAMConfig)  # the engine config's ``aream:`` section
 
 def _config(cfg: Any, fallback: AReAMConfig | None = None) -> AReAMConfig:
     """The :class:`AReAMConfig` in ``cfg``: itself, or an engine config's ``aream`` section."""
-    if isinstance(cfg, AReAMConfig):
-        return cfg
-    sections = getattr(cfg, "sections", None)
-    if isinstance(sections, Mapping) and isinstance(sections.get("aream"), AReAMConfig):
-        return sections["aream"]
-    if cfg is None and fallback is not None:
-        return fallback
-    raise TypeError(
-        f"AReAM: expected an AReAMConfig or an engine Config with an 'aream' section, got "
-        f"{type(cfg).__name__}; register it with register_section('aream', AReAMConfig)"
-    )
-
-
-def _info(step_info: Any, name: str) -> int:
-    if isinstance(step_info, Mapping):
-        return int(step_info[name])
-    return int(getattr(step_info, name))
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel / DataParallel wrapper."""
-    return getattr(model, "module", model)
+    return section_config(cfg, AReAMConfig, "aream", "AReAM", fallback)
 
 
 # ---------------------------------------------------------------------------- the model

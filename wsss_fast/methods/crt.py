@@ -43,6 +43,9 @@ from torch import nn
 
 from wsss_fast.engine.config import register_section
 from wsss_fast.eval.cams import max_normalize
+from wsss_fast.methods._common import section_config
+from wsss_fast.methods._common import step_value as _info
+from wsss_fast.methods._common import unwrap as _unwrap
 from wsss_fast.nn import capture, create_vit, patch_timm
 
 __all__ = [
@@ -113,28 +116,7 @@ register_section("crt", CRTConfig)  # the engine config's ``crt:`` section
 
 def _config(cfg: Any, fallback: CRTConfig | None = None) -> CRTConfig:
     """The :class:`CRTConfig` in ``cfg``: itself, or an engine config's ``crt`` section."""
-    if isinstance(cfg, CRTConfig):
-        return cfg
-    sections = getattr(cfg, "sections", None)
-    if isinstance(sections, Mapping) and isinstance(sections.get("crt"), CRTConfig):
-        return sections["crt"]
-    if cfg is None and fallback is not None:
-        return fallback
-    raise TypeError(
-        f"CRT: expected a CRTConfig or an engine Config with a 'crt' section, got "
-        f"{type(cfg).__name__}; register it with register_section('crt', CRTConfig)"
-    )
-
-
-def _info(step_info: Any, name: str) -> int:
-    if isinstance(step_info, Mapping):
-        return int(step_info[name])
-    return int(getattr(step_info, name))
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel / DataParallel wrapper."""
-    return getattr(model, "module", model)
+    return section_config(cfg, CRTConfig, "crt", "CRT", fallback)
 
 
 # ---------------------------------------------------------------------------- tiling

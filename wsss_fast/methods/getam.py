@@ -50,6 +50,9 @@ from wsss_fast import ops
 from wsss_fast._backend import BackendNotImplementedError, use_backend
 from wsss_fast.data.transforms import denormalize
 from wsss_fast.engine.config import register_section
+from wsss_fast.methods._common import section_config
+from wsss_fast.methods._common import step_value as _info
+from wsss_fast.methods._common import unwrap as _unwrap
 from wsss_fast.nn import capture, create_vit, patch_timm
 
 __all__ = [
@@ -147,28 +150,7 @@ register_section("getam", GETAMConfig)  # the engine config's ``getam:`` section
 
 def _config(cfg: Any, fallback: GETAMConfig | None = None) -> GETAMConfig:
     """The :class:`GETAMConfig` in ``cfg``: itself, or an engine config's ``getam`` section."""
-    if isinstance(cfg, GETAMConfig):
-        return cfg
-    sections = getattr(cfg, "sections", None)
-    if isinstance(sections, Mapping) and isinstance(sections.get("getam"), GETAMConfig):
-        return sections["getam"]
-    if cfg is None and fallback is not None:
-        return fallback
-    raise TypeError(
-        f"GETAM: expected a GETAMConfig or an engine Config with a 'getam' section, got "
-        f"{type(cfg).__name__}; register it with register_section('getam', GETAMConfig)"
-    )
-
-
-def _info(step_info: Any, name: str) -> int:
-    if isinstance(step_info, Mapping):
-        return int(step_info[name])
-    return int(getattr(step_info, name))
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel / DataParallel wrapper."""
-    return getattr(model, "module", model)
+    return section_config(cfg, GETAMConfig, "getam", "GETAM", fallback)
 
 
 def _fallback(fn, *args, **kwargs):

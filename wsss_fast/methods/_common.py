@@ -1,0 +1,39 @@
+"""Small pieces every method module uses: its config section, the loop's step info, DDP."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from torch import nn
+
+T = TypeVar("T")
+
+
+def section_config(cfg: Any, cls: type[T], section: str, method: str, fallback: T | None) -> T:
+    """The ``cls`` instance in ``cfg``: ``cfg`` itself, or an engine config's ``section``
+    section, or ``fallback`` when ``cfg`` is None; a TypeError naming the fix otherwise."""
+    if isinstance(cfg, cls):
+        return cfg
+    sections = getattr(cfg, "sections", None)
+    if isinstance(sections, Mapping) and isinstance(sections.get(section), cls):
+        return sections[section]
+    if cfg is None and fallback is not None:
+        return fallback
+    raise TypeError(
+        f"{method}: expected a {cls.__name__} or an engine Config with a '{section}' section, "
+        f"got {type(cfg).__name__}; register it with register_section('{section}', "
+        f"{cls.__name__})"
+    )
+
+
+def step_value(step_info: Any, name: str) -> int:
+    """``step_info.name`` or ``step_info[name]`` (the loop's StepInfo, or a dict in tests)."""
+    if isinstance(step_info, Mapping):
+        return int(step_info[name])
+    return int(getattr(step_info, name))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel / DataParallel wrapper."""
+    return getattr(model, "module", model)
