@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 T = TypeVar("T")
+IGNORE_INDEX = 255
 
 
 def section_config(cfg: Any, cls: type[T], section: str, method: str, fallback: T | None) -> T:
@@ -37,3 +39,20 @@ def step_value(step_info: Any, name: str) -> int:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel / DataParallel wrapper."""
     return getattr(model, "module", model)
+
+
+def mask_outside_box(labels: torch.Tensor, crop_box: torch.Tensor | None) -> torch.Tensor:
+    """``labels`` ``[B, H, W]`` with 255 outside each image's ``crop_box`` ``[y0, y1, x0, x1]``."""
+    if crop_box is None:
+        return labels
+    H, W = labels.shape[-2:]
+    box = crop_box.to(labels.device).long()
+    ys = torch.arange(H, device=labels.device)[None, :, None]
+    xs = torch.arange(W, device=labels.device)[None, None, :]
+    inside = (
+        (ys >= box[:, 0, None, None])
+        & (ys < box[:, 1, None, None])
+        & (xs >= box[:, 2, None, None])
+        & (xs < box[:, 3, None, None])
+    )
+    return labels.masked_fill(~inside, IGNORE_INDEX)

@@ -37,7 +37,7 @@ from wsss_fast._backend import BackendNotImplementedError, use_backend
 from wsss_fast.data.transforms import denormalize
 from wsss_fast.engine.config import register_section
 from wsss_fast.eval.cams import minmax_normalize
-from wsss_fast.methods._common import section_config
+from wsss_fast.methods._common import mask_outside_box, section_config
 from wsss_fast.methods._common import step_value as _info
 from wsss_fast.methods._common import unwrap as _unwrap
 from wsss_fast.nn import capture, create_vit, patch_timm
@@ -313,23 +313,6 @@ def token_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     (``F.interpolate(mode="nearest")``: the top-left pixel of each patch; 255 stays 255)."""
     small = F.interpolate(labels[:, None].float(), size=grid, mode="nearest")
     return small[:, 0].long().flatten(1)
-
-
-def mask_outside_box(labels: torch.Tensor, crop_box: torch.Tensor | None) -> torch.Tensor:
-    """``labels`` ``[B, H, W]`` with 255 outside each image's ``crop_box`` ``[y0, y1, x0, x1]``."""
-    if crop_box is None:
-        return labels
-    H, W = labels.shape[-2:]
-    box = crop_box.to(labels.device).long()
-    ys = torch.arange(H, device=labels.device)[None, :, None]
-    xs = torch.arange(W, device=labels.device)[None, None, :]
-    inside = (
-        (ys >= box[:, 0, None, None])
-        & (ys < box[:, 1, None, None])
-        & (xs >= box[:, 2, None, None])
-        & (xs < box[:, 3, None, None])
-    )
-    return labels.masked_fill(~inside, IGNORE_INDEX)
 
 
 def _par(image: torch.Tensor, masks: torch.Tensor, **kwargs) -> torch.Tensor:

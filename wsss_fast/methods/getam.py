@@ -50,7 +50,7 @@ from wsss_fast import ops
 from wsss_fast._backend import BackendNotImplementedError, use_backend
 from wsss_fast.data.transforms import denormalize
 from wsss_fast.engine.config import register_section
-from wsss_fast.methods._common import section_config
+from wsss_fast.methods._common import mask_outside_box, section_config
 from wsss_fast.methods._common import step_value as _info
 from wsss_fast.methods._common import unwrap as _unwrap
 from wsss_fast.nn import capture, create_vit, patch_timm
@@ -618,23 +618,6 @@ def complete_labels(
         kept = morphological_opening(fg, opening)
         y = y.masked_fill(fg & ~kept, 0)
     return y
-
-
-def mask_outside_box(labels: torch.Tensor, crop_box: torch.Tensor | None) -> torch.Tensor:
-    """``labels`` ``[B, H, W]`` with 255 outside each image's ``crop_box`` ``[y0, y1, x0, x1]``."""
-    if crop_box is None:
-        return labels
-    H, W = labels.shape[-2:]
-    box = crop_box.to(labels.device).long()
-    ys = torch.arange(H, device=labels.device)[None, :, None]
-    xs = torch.arange(W, device=labels.device)[None, None, :]
-    inside = (
-        (ys >= box[:, 0, None, None])
-        & (ys < box[:, 1, None, None])
-        & (xs >= box[:, 2, None, None])
-        & (xs < box[:, 3, None, None])
-    )
-    return labels.masked_fill(~inside, IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------------------- losses, inference
