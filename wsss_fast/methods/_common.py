@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from wsss_fast._backend import BackendNotImplementedError, use_backend
+
 T = TypeVar("T")
 IGNORE_INDEX = 255
 
@@ -56,3 +58,16 @@ def mask_outside_box(labels: torch.Tensor, crop_box: torch.Tensor | None) -> tor
         & (xs < box[:, 3, None, None])
     )
     return labels.masked_fill(~inside, IGNORE_INDEX)
+
+
+def or_auto(op, *args, **kwargs):
+    """``op(*args, **kwargs)``; where the chosen backend lacks ``op`` (Triton has no ``par``,
+    ``pamr`` or ``getam_map`` kernel yet), the automatic choice for the device instead.
+
+    For ops the methods run without gradient, where every backend computes the same numbers:
+    the attention ops keep the chosen backend."""
+    try:
+        return op(*args, **kwargs)
+    except BackendNotImplementedError:
+        with use_backend("auto"):
+            return op(*args, **kwargs)

@@ -33,11 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_fast import ops
-from wsss_fast._backend import BackendNotImplementedError, use_backend
 from wsss_fast.data.transforms import denormalize
 from wsss_fast.engine.config import register_section
 from wsss_fast.eval.cams import minmax_normalize
-from wsss_fast.methods._common import mask_outside_box, section_config
+from wsss_fast.methods._common import mask_outside_box, or_auto, section_config
 from wsss_fast.methods._common import step_value as _info
 from wsss_fast.methods._common import unwrap as _unwrap
 from wsss_fast.nn import capture, create_vit, patch_timm
@@ -204,8 +203,6 @@ def build_backbone(cfg: AReAMConfig) -> ClassTokenViT:
         pretrained=cfg.pretrained,
         **{
             **cfg.backbone_kwargs,
-            "num_classes": 0,
-            "class_token": True,
             "img_size": cfg.img_size,
             "drop_path_rate": cfg.drop_path_rate,
         },
@@ -315,17 +312,6 @@ def token_labels(labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return small[:, 0].long().flatten(1)
 
 
-def _par(image: torch.Tensor, masks: torch.Tensor, **kwargs) -> torch.Tensor:
-    try:
-        return ops.par(image, masks, **kwargs)
-    except BackendNotImplementedError:
-        # The chosen backend has no PAR kernel (Triton has none yet). PAR runs without gradient
-        # and every backend computes the same refinement, so it falls back to the automatic
-        # choice for the device while the attention ops keep the chosen backend.
-        with use_backend("auto"):
-            return ops.par(image, masks, **kwargs)
-
-
 def cam_to_labels(
     cam: torch.Tensor,
     image01: torch.Tensor,
@@ -358,7 +344,7 @@ def cam_to_labels(
     valid = torch.cat([label.new_ones(B, 1), label], 1) > 0
     probs = scores.masked_fill(~valid[:, :, None, None], float("-inf")).softmax(1)
     img = F.interpolate(image01.float(), size=small, mode="bilinear", align_corners=False)
-    probs = _par(img, probs, dilations=par_dilations, iters=par_iters, w_pos=par_w_pos)
+    probs = or_auto(ops.par, img, probs, dilations=par_dilations, iters=par_iters, w_pos=par_w_pos)
     probs = F.interpolate(probs, size=(H, W), mode="bilinear", align_corners=False)
     return probs.argmax(1)
 

@@ -434,8 +434,6 @@ def build_model(cfg: CRTConfig) -> CRTModel:
         pretrained=cfg.vit_pretrained,
         **{
             **cfg.vit_kwargs,
-            "num_classes": 0,
-            "class_token": True,
             "img_size": cfg.tile_size,
             "drop_path_rate": cfg.drop_path_rate,
         },

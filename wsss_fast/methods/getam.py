@@ -47,10 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_fast import ops
-from wsss_fast._backend import BackendNotImplementedError, use_backend
 from wsss_fast.data.transforms import denormalize
 from wsss_fast.engine.config import register_section
-from wsss_fast.methods._common import mask_outside_box, section_config
+from wsss_fast.methods._common import mask_outside_box, or_auto, section_config
 from wsss_fast.methods._common import step_value as _info
 from wsss_fast.methods._common import unwrap as _unwrap
 from wsss_fast.nn import capture, create_vit, patch_timm
@@ -151,18 +150,6 @@ register_section("getam", GETAMConfig)  # the engine config's ``getam:`` section
 def _config(cfg: Any, fallback: GETAMConfig | None = None) -> GETAMConfig:
     """The :class:`GETAMConfig` in ``cfg``: itself, or an engine config's ``getam`` section."""
     return section_config(cfg, GETAMConfig, "getam", "GETAM", fallback)
-
-
-def _fallback(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``; on a backend that lacks the op, the automatic choice instead.
-
-    ``getam_map`` and ``pamr`` have no Triton kernel; they run without gradient here and every
-    backend computes the same numbers, so the attention keeps the chosen backend."""
-    try:
-        return fn(*args, **kwargs)
-    except BackendNotImplementedError:
-        with use_backend("auto"):
-            return fn(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -301,8 +288,6 @@ def build_model(cfg: GETAMConfig) -> GETAMNet:
         pretrained=cfg.pretrained,
         **{
             **cfg.backbone_kwargs,
-            "num_classes": 0,
-            "class_token": True,
             "img_size": cfg.img_size,
             "drop_path_rate": cfg.drop_path_rate,
             "dynamic_img_size": True,
@@ -410,7 +395,7 @@ def class_slot_maps(
             qj, kj, vj = qs, ks, vs
             if len({qs.dtype, g.dtype}) > 1:
                 qj, kj, vj, g = qs.float(), ks.float(), vs.float(), g.float()
-            m = _fallback(ops.getam_map, qj, kj, vj, g, scale=scale, row=0)
+            m = or_auto(ops.getam_map, qj, kj, vj, g, scale=scale, row=0)
             m = F.relu(m[:, num_prefix:].float())
             maps[images[valid], cls[valid]] = m[valid]
     return maps
@@ -451,7 +436,7 @@ def refine_cams(
             cam = cam[..., : out_size[0], : out_size[1]]
             img = img[..., : out_size[0], : out_size[1]]
         if pamr_iters > 0:
-            cam = _fallback(
+            cam = or_auto(
                 ops.pamr, img, cam.contiguous(), dilations=tuple(pamr_dilations), iters=pamr_iters
             )
         cam = cam / (cam.amax(dim=(2, 3), keepdim=True) + norm_eps)

@@ -112,7 +112,8 @@ def create_vit(
     **kwargs,
 ) -> nn.Module:
     """A timm ViT ``name`` built with ``kwargs`` (``img_size``, ``patch_size``, ``embed_dim``,
-    ``depth``, ``num_heads``, ``drop_path_rate``, ``num_classes``, ...).
+    ``depth``, ``num_heads``, ``drop_path_rate``, ...); headless (``num_classes=0``) and with a
+    class token unless ``kwargs`` say otherwise.
 
     Args:
         stem: ``"patch"`` (timm's own) or ``"conv"`` (:class:`ConvStemEmbed`).
@@ -124,6 +125,8 @@ def create_vit(
     """
     import timm
 
+    kwargs.setdefault("num_classes", 0)  # headless: the methods add their own heads
+    kwargs.setdefault("class_token", True)
     if stem not in STEMS:
         raise ValueError(f"create_vit: stem={stem!r}; expected one of {list(STEMS)}")
     if qk_init not in QK_INITS:
