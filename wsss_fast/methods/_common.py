@@ -71,3 +71,34 @@ def or_auto(op, *args, **kwargs):
     except BackendNotImplementedError:
         with use_backend("auto"):
             return op(*args, **kwargs)
+
+
+def layer_from_config(value: float, depth: int, lowest: int, what: str) -> int:
+    """A layer index from a config value: an integer ``>= lowest`` is the layer itself, a value in
+    ``(0, 1)`` a fraction of ``depth``, rounded (for shallow test models). ``what`` (e.g.
+    ``"AReAM: layer_index"``) names the setting in errors. The result lies in
+    ``lowest..depth - 1``."""
+    if 0 < value < 1:
+        layer = round(value * depth)
+    elif value >= lowest and float(value).is_integer():
+        layer = int(value)
+    else:
+        raise ValueError(f"{what}={value}; expected an integer >= {lowest} or a fraction in (0, 1)")
+    if not lowest <= layer <= depth - 1:
+        raise ValueError(
+            f"{what}={value} gives layer {layer} for depth {depth}; expected "
+            f"{lowest} <= layer <= {depth - 1}"
+        )
+    return layer
+
+
+def decay_groups(model: nn.Module) -> list[dict]:
+    """timm's ``create_optimizer`` grouping: no weight decay on 1-d parameters (norms, biases)
+    nor on the names ``model.no_weight_decay()`` lists (tokens, position embeddings)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -36,7 +36,13 @@ from wsss_fast import ops
 from wsss_fast.data.transforms import denormalize
 from wsss_fast.engine.config import register_section
 from wsss_fast.eval.cams import minmax_normalize
-from wsss_fast.methods._common import mask_outside_box, or_auto, section_config
+from wsss_fast.methods._common import (
+    decay_groups,
+    layer_from_config,
+    mask_outside_box,
+    or_auto,
+    section_config,
+)
 from wsss_fast.methods._common import step_value as _info
 from wsss_fast.methods._common import unwrap as _unwrap
 from wsss_fast.nn import capture, create_vit, patch_timm
@@ -211,21 +217,9 @@ def build_backbone(cfg: AReAMConfig) -> ClassTokenViT:
 
 
 def first_deep_layer(layer_index: float, depth: int) -> int:
-    """L0 from ``layer_index`` (see :class:`AReAMConfig`); ``1 <= L0 <= depth - 1``."""
-    if 0 < layer_index < 1:
-        L0 = round(layer_index * depth)
-    elif layer_index >= 1 and float(layer_index).is_integer():
-        L0 = int(layer_index)
-    else:
-        raise ValueError(
-            f"AReAM: layer_index={layer_index}; expected an integer >= 1 or a fraction in (0, 1)"
-        )
-    if not 1 <= L0 <= depth - 1:
-        raise ValueError(
-            f"AReAM: layer_index={layer_index} gives L0={L0} for depth {depth}; at least one "
-            "shallow and one deep layer are needed (1 <= L0 <= depth - 1)"
-        )
-    return L0
+    """L0 from ``layer_index`` (see :class:`AReAMConfig`); ``1 <= L0 <= depth - 1``: at least
+    one shallow and one deep layer."""
+    return layer_from_config(layer_index, depth, 1, "AReAM: layer_index")
 
 
 # ---------------------------------------------------------------------------- CAMs
@@ -375,13 +369,7 @@ class AReAM:
         """timm's ``create_optimizer`` grouping: no weight decay on 1-d parameters (norms,
         biases) and on the class tokens and position embeddings."""
         model = _unwrap(model)
-        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return decay_groups(model)
 
     def cams(
         self, model: nn.Module, image: torch.Tensor, label: torch.Tensor, eval_cfg: Any = None

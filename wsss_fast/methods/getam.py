@@ -49,7 +49,13 @@ from torch import nn
 from wsss_fast import ops
 from wsss_fast.data.transforms import denormalize
 from wsss_fast.engine.config import register_section
-from wsss_fast.methods._common import mask_outside_box, or_auto, section_config
+from wsss_fast.methods._common import (
+    decay_groups,
+    layer_from_config,
+    mask_outside_box,
+    or_auto,
+    section_config,
+)
 from wsss_fast.methods._common import step_value as _info
 from wsss_fast.methods._common import unwrap as _unwrap
 from wsss_fast.nn import capture, create_vit, patch_timm
@@ -304,20 +310,7 @@ def build_model(cfg: GETAMConfig) -> GETAMNet:
 
 def first_layer(start_layer: float, depth: int) -> int:
     """The first layer of the map from ``start_layer`` (see :class:`GETAMConfig`)."""
-    if 0 < start_layer < 1:
-        start = round(start_layer * depth)
-    elif start_layer >= 0 and float(start_layer).is_integer():
-        start = int(start_layer)
-    else:
-        raise ValueError(
-            f"GETAM: start_layer={start_layer}; expected an integer >= 0 or a fraction in (0, 1)"
-        )
-    if not 0 <= start <= depth - 1:
-        raise ValueError(
-            f"GETAM: start_layer={start_layer} gives layer {start} for depth {depth}; expected "
-            f"0 <= start_layer <= {depth - 1}"
-        )
-    return start
+    return layer_from_config(start_layer, depth, 0, "GETAM: start_layer")
 
 
 # ---------------------------------------------------------------------------- GETAM maps
@@ -701,13 +694,7 @@ class GETAM:
         embedding; everything else decays. (The published code has one group; with
         ``optim.poly_quirk`` neither group decays.)"""
         model = _unwrap(model)
-        skip = model.no_weight_decay()
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return decay_groups(model)
 
     def phase2_step(self, total_steps: int) -> int:
         """The first optimizer step of phase 2."""
