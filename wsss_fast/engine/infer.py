@@ -95,10 +95,10 @@ def ensure_data(cfg: Config, *, progress: bool = True) -> Path:
     meta = read_metadata(root) or {}
     if meta.get("name") != "synthetic":
         make_synthetic(root, **kwargs, progress=progress)
-    elif meta.get("generator") != synthetic_params(**kwargs):
+    elif meta.get("generator") != (wanted := synthetic_params(**kwargs)):
         warnings.warn(
             f"the synthetic data set under {root} was generated with {meta.get('generator')}, "
-            f"not with what the config asks for ({synthetic_params(**kwargs)}); it is used as it "
+            f"not with what the config asks for ({wanted}); it is used as it "
             "is. Delete the folder (or set data.root to a new one) to generate the config's set.",
             stacklevel=2,
         )
