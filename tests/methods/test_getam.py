@@ -86,6 +86,8 @@ def _published_maps(model, image, label, start):
     x = vit.norm(vit.blocks(vit._pos_embed(vit.patch_embed(image))))
     # The GETAMNet classifier head, applied to the plain ViT's tokens.
     logits = model.classifier(model.cls_readout(x).mean(1))
+    if model.token_classifier is not None:
+        logits = logits + model.token_classifier(x[:, 0])
     B, Cn = label.shape
     expected = torch.zeros(B, Cn, x.shape[1] - 1, dtype=torch.float64)
     for b in range(B):
@@ -103,10 +105,13 @@ def _published_maps(model, image, label, start):
     return expected
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_class_slot_passes_match_published_per_image_class_backward(backend):
+@pytest.mark.parametrize(
+    "backend, classifier",
+    [("torch", "patches"), ("reference", "patches"), ("torch", "patches+token")],
+)
+def test_class_slot_passes_match_published_per_image_class_backward(backend, classifier):
     torch.manual_seed(3)
-    method = GETAM(tiny_config())
+    method = GETAM(tiny_config(classifier=classifier))
     model = method.build_model().double().eval()
     start = first_layer(method.config.start_layer, model.depth)
     g = torch.Generator().manual_seed(4)
@@ -129,6 +134,27 @@ def test_class_slot_passes_match_published_per_image_class_backward(backend):
     assert expected.abs().max() > 0
     assert (got[2] == 0).all() and (got[1, [0, 2]] == 0).all()
     assert_close(got.double(), expected, name=f"{backend} class-slot maps", rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("classifier", ["patches", "patches+token"])
+def test_token_classifier_puts_the_last_class_token_in_the_scores(classifier):
+    """With the readout off, the last layer's class-token output reaches the class scores only
+    through the token classifier: its GETAM map is zero with "patches" and not with
+    "patches+token"."""
+    torch.manual_seed(5)
+    model = GETAM(tiny_config(readout="ignore", classifier=classifier)).build_model().eval()
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    label = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    with capture(model, keep_outputs=True, keep_qkv=True) as cap:
+        logits = model(image, with_seg=False)["logits"]
+    last = model.depth - 1
+    maps = class_slot_maps(
+        logits, label, cap.q[last:], cap.k[last:], cap.v[last:], cap.outputs[last:]
+    )
+    if classifier == "patches":
+        assert (maps == 0).all()
+    else:
+        assert (maps[label > 0].amax(-1) > 0).all()
 
 
 def test_slot_pass_masks_images_without_that_slot():
@@ -356,6 +382,8 @@ def test_bad_inputs_raise_clear_errors(method_and_model):
         tiny_config(decoder_blocks=(1, 2))
     with pytest.raises(ValueError, match="readout"):
         tiny_config(readout="mean")
+    with pytest.raises(ValueError, match="classifier"):
+        tiny_config(classifier="token")
     with pytest.raises(TypeError, match="GETAMConfig"):
         GETAM().build_model(SimpleNamespace(sections={}))
     with pytest.raises(ValueError, match="eval.scales"):
