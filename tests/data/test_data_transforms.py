@@ -154,6 +154,23 @@ def test_resize_long_and_resized_crop():
     assert out["image"].shape == (3, 16, 16)
 
 
+def test_recipe_resize_long_replaces_the_rescale():
+    """With ``resize_long`` the image's long side (the crop box, inside a larger padded crop)
+    lands in that range whatever ``scale_range`` says; without it, the relative rescale."""
+    s = make_sample(30, 60)
+    longs = set()
+    for seed in range(8):
+        t = train_transform(200, scale_range=(3.0, 3.0), resize_long=(50, 70), jitter=None)
+        y0, y1, x0, x1 = t(s, gen(seed))["crop_box"].tolist()
+        assert 50 <= x1 - x0 <= 70 and y1 - y0 == round(30 * (x1 - x0) / 60)
+        longs.add(x1 - x0)
+    assert len(longs) > 1  # a random length, not one fixed size
+    y0, y1, x0, x1 = train_transform(200, scale_range=(3.0, 3.0), jitter=None)(s, gen(0))[
+        "crop_box"
+    ].tolist()
+    assert (y1 - y0, x1 - x0) == (90, 180)
+
+
 def test_color_jitter_brightness_only():
     s = make_sample(10, 12)
     s["image"] = s["image"] * 0.5  # room to brighten without clipping

@@ -50,6 +50,7 @@ def test_overrides_are_parsed_to_field_types(tmp_path):
         ("optim.betas=[0.9]", ["optim.betas", "2 values"]),
         ("optim.name=adam", ["optim.name", "adamw", "sgd"]),
         ("optim.lr", ["section.key=value"]),
+        ("data.resize_long=[300, 200]", ["data.resize_long", "low <= high", "null"]),
     ],
     ids=[
         "unknown-key",
@@ -59,6 +60,7 @@ def test_overrides_are_parsed_to_field_types(tmp_path):
         "tuple-length",
         "choice",
         "no-eq",
+        "resize-long-order",
     ],
 )
 def test_override_errors_name_the_fix(override, words):
@@ -88,7 +90,14 @@ def test_method_section_is_registered_and_overridable():
 
 def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(
-        None, ["method=toy", "toy.hidden=5", "eval.scales=[0.5, 1.0]", "optim.lr=3e-5"]
+        None,
+        [
+            "method=toy",
+            "toy.hidden=5",
+            "eval.scales=[0.5, 1.0]",
+            "optim.lr=3e-5",
+            "data.resize_long=[230, 292]",
+        ],
     )
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")

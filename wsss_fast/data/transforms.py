@@ -469,13 +469,18 @@ def train_transform(
     jitter: tuple[float, float, float, float] | None = (0.4, 0.4, 0.2, 0.1),
     jitter_p: float = 0.8,
     fill: Sequence[float] = IMAGENET_MEAN,
+    resize_long: tuple[int, int] | None = None,
 ) -> Compose:
     """AReAM (Conformer) / AFA training augmentation: rescale, flip, colour jitter, crop.
 
-    ``None`` turns a step off. Returns a :class:`Compose`.
+    ``resize_long`` (GETAM: (230, 292); CRT/IRN: (210, 420)) resizes the long side to a random
+    length in that range (:class:`RandomResizeLong`) in place of the relative rescale, whatever
+    ``scale_range`` says. ``None`` turns a step off. Returns a :class:`Compose`.
     """
     steps: list = []
-    if scale_range is not None:
+    if resize_long is not None:
+        steps.append(RandomResizeLong(resize_long))
+    elif scale_range is not None:
         steps.append(RandomRescale(scale_range))
     if flip > 0:
         steps.append(RandomHorizontalFlip(flip))

@@ -69,6 +69,9 @@ class DataConfig:
     scale_range: tuple[float, float] = (0.5, 2.0)
     """``augment: train``: the random rescale range (AFA/AReAM: 0.5-2.0). On small images a
     narrower range keeps the image labels true of the crop (the synthetic configs use one)."""
+    resize_long: tuple[int, int] | None = None
+    """``augment: train``: resize the long side to a random length in ``[low, high]`` pixels in
+    place of the ``scale_range`` rescale (GETAM: [230, 292]; CRT, IRN: [210, 420])."""
     color_jitter: bool = True
     """``augment: train``: colour jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8."""
     synthetic: dict[str, Any] = field(default_factory=dict)
@@ -90,6 +93,17 @@ class DataConfig:
                 f"data.scale_range={list(self.scale_range)}; expected [low, high] with 0 < low <= high"
             )
         self.scale_range = (lo, hi)
+        if self.resize_long is not None:
+            try:
+                lo, hi = (int(v) for v in self.resize_long)
+            except (TypeError, ValueError):
+                lo = hi = 0
+            if not 0 < lo <= hi:
+                raise ConfigError(
+                    f"data.resize_long={self.resize_long!r}; expected [low, high] pixels with "
+                    "0 < low <= high, or null for the scale_range rescale"
+                )
+            self.resize_long = (lo, hi)
 
 
 @dataclass

@@ -121,6 +121,7 @@ def build_train_dataset(cfg: Config) -> Dataset:
         "train": lambda: train_transform(
             d.crop_size,
             scale_range=tuple(d.scale_range),
+            resize_long=None if d.resize_long is None else tuple(d.resize_long),
             jitter=(0.4, 0.4, 0.2, 0.1) if d.color_jitter else None,
         ),
         "timm": lambda: timm_train_transform(d.crop_size),
