@@ -2,7 +2,8 @@
 end to end, after the published code (``weixuansun/GETAM``), without N x N gradients.
 
 * :class:`GETAMNet`: a timm ViT (patched with :func:`wsss_fast.patch_timm`), a classifier on the
-  global average of its final patch tokens (optionally plus its class token), and a light segmentation decoder over four blocks.
+  global average of its final patch tokens (optionally plus its class token), and a light
+  segmentation decoder over four blocks.
 * :func:`class_slot_maps`: the GETAM map of every present class. The published code keeps each
   layer's ``[B, H, N, N]`` attention and its hooked gradient and runs one retained backward per
   (image, class). Here the gradient is taken with respect to each layer's attention *output*
