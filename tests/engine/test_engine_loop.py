@@ -117,6 +117,26 @@ def test_keep_last_and_resume_off(tmp_path):
         train(again, ToyMethod(), ToyDataset(16))
 
 
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ("data.batch_size=2", ["data.batch_size 4 -> 2", "steps_per_epoch 4 -> 8"]),
+        ("optim.accum_steps=2", ["optim.accum_steps 1 -> 2", "steps_per_epoch 4 -> 2"]),
+    ],
+)
+def test_resume_under_another_step_layout_is_refused(tmp_path, change, words):
+    train(toy_config(tmp_path, "train.max_steps=3"), ToyMethod(), ToyDataset(16))
+    with pytest.raises(ValueError, match="another step layout") as e:
+        train(toy_config(tmp_path, "train.max_steps=6", change), ToyMethod(), ToyDataset(16))
+    for w in words:
+        assert w in str(e.value)
+    # A longer run with the same layout resumes.
+    seen = []
+    cfg = toy_config(tmp_path, "train.max_steps=6")
+    train(cfg, ToyMethod(), ToyDataset(16), callbacks=[lambda i, m: seen.append(i.step)])
+    assert seen == [4, 5, 6]
+
+
 def test_accumulation_equals_one_big_batch(tmp_path):
     common = ["toy.linear=true", "optim.name=sgd", "optim.momentum=0", "optim.weight_decay=0"]
     common += ["optim.lr=0.1", "schedule.name=constant", "train.max_steps=3"]

@@ -309,9 +309,27 @@ def _train(cfg, method, dataset, callbacks, info: distributed.DistInfo) -> Train
             f"{run_dir} holds checkpoints of an earlier run (newest {latest.name}) and "
             "train.resume=false: choose another train.out_dir or remove them"
         )
+    # Where a step is in the data: resuming under another layout would skip the wrong samples.
+    # (A new length, train.epochs or train.max_steps, is allowed: the schedule follows it.)
+    layout = {
+        "world_size": info.world_size,
+        "data.batch_size": d.batch_size,
+        "optim.accum_steps": o.accum_steps,
+        "steps_per_epoch": steps_per_epoch,
+    }
     if latest is not None:
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
         state = ckpt.load_checkpoint(latest, map_location="cpu")
+        saved = state.get("layout")  # absent in checkpoints written before it was recorded
+        if saved is not None and saved != layout:
+            diff = ", ".join(
+                f"{k} {saved.get(k)} -> {v}" for k, v in layout.items() if saved.get(k) != v
+            )
+            raise ValueError(
+                f"cannot resume {latest}: it was written with another step layout ({diff}). "
+                "Resume with the same number of processes, data.batch_size, optim.accum_steps "
+                "and data set, or start a new train.out_dir"
+            )
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -346,6 +364,7 @@ def _train(cfg, method, dataset, callbacks, info: distributed.DistInfo) -> Train
             "epoch": step // steps_per_epoch,
             "batch_in_epoch": (step % steps_per_epoch) * o.accum_steps,
             "rng": rngs,
+            "layout": layout,
             "config": config_to_dict(cfg),
         }
         ckpt.save_checkpoint(ckpt.checkpoint_path(run_dir, step), state)
