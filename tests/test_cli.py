@@ -106,6 +106,52 @@ def test_cam_pseudo_eval(run_dir, capsys):
     assert "cam_miou" in capsys.readouterr().out
 
 
+def test_segment_getam_head(data_root, run_dir, tmp_path, capsys):
+    """`segment` writes the GETAM head's masks of a split and scores them; a method without a
+    segmentation head (AReAM) is refused with the commands to use instead."""
+    from wsss_fast.eval import ConfusionMatrix, load_mask_png
+
+    run = tmp_path / "getam"
+    overrides = [
+        f"data.root={data_root}",
+        "data.crop_size=48",
+        "data.batch_size=4",
+        "model.num_classes=3",
+        "getam.num_classes=3",
+        "getam.backbone_kwargs={embed_dim: 32, depth: 4, num_heads: 2}",
+        "getam.img_size=48",
+        "getam.decoder_blocks=[0, 1, 2, 3]",
+        "getam.decoder_width=16",
+        "getam.pamr_dilations=[1, 2]",
+        "getam.opening=3",
+        "getam.seg_scales=[48, 64]",
+        "getam.phase2_start=0.5",  # the second step trains the head
+        "train.epochs=1",
+        "train.progress=false",
+        "train.device=cpu",
+    ]
+    config = str(Path(CONFIG).parent / "getam_synthetic.yaml")
+    assert main(["train", "--config", config, "--out", str(run), *overrides]) == 0
+    out = tmp_path / "seg_val"
+    assert main(["segment", str(run), "--out", str(out)]) == 0
+    masks = sorted((out / "seg").glob("*.png"))
+    assert len(masks) == 4
+    metrics = json.loads((out / "seg_metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["images"] == 4
+    # The score is the mIoU of the written masks against the ground truth.
+    gt_dir = data_root / "SegmentationClass"
+    cm = ConfusionMatrix(4, 255)
+    for m in masks:
+        pred = load_mask_png(m)
+        assert pred.shape == (48, 48) and set(np.unique(pred).tolist()) <= {0, 1, 2, 3}
+        cm.update(pred, load_mask_png(gt_dir / m.name))
+    assert metrics["seg_miou"] == pytest.approx(cm.summary()["miou"])
+    assert "seg_miou" in capsys.readouterr().out
+
+    assert main(["segment", str(run_dir), "--out", str(tmp_path / "nope")]) == 2
+    assert "no segmentation head" in capsys.readouterr().err
+
+
 def _sharded_worker(rank: int, world: int, port: int, run: str, out: str) -> None:
     import os
 

@@ -5,6 +5,8 @@
 engine into a run folder (``config.yaml``, ``log.txt``, ``ckpt_<step>.pt``).
 ``wsss-fast cam | pseudo | eval RUN_DIR`` make CAMs (``.npy``), pseudo masks (palette PNGs) and
 ``metrics.json`` (``cam_miou``, ``pseudo_miou``) with overlays for a split of the run's data.
+``wsss-fast segment RUN_DIR`` writes the masks of a method's segmentation head (GETAM) and their
+mIoU (``seg_metrics.json``).
 ``wsss-fast make-synthetic ROOT`` writes the built-in synthetic data set.
 ``wsss-fast demo`` (``--method random-walk``, the default) refines a seed map on a synthetic image
 with ``random_walk`` on every available backend and checks them against the reference;
@@ -349,6 +351,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    from wsss_fast.engine.infer import eval_dataset, segment_split
+
+    cfg, model, ckpt, split, out = _infer_setup(args)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one process writes every mask
+    t0 = time.perf_counter()
+    try:
+        metrics = segment_split(cfg, model, eval_dataset(cfg, split), out)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if metrics["_table"] is not None:
+        print(metrics["_table"])
+    miou = metrics["seg_miou"]
+    score = f"seg_miou {miou:.4f}" if miou is not None else "no ground truth to score"
+    print(
+        f"{metrics['images']} segmentation masks of split {split!r} from {ckpt} in "
+        f"{time.perf_counter() - t0:.1f} s: {score} -> {out / 'seg'}, {out / 'seg_metrics.json'}"
+    )
+    return 0
+
+
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
     from wsss_fast.data import make_synthetic
 
@@ -421,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_infer(sub, "pseudo", "pseudo masks (palette PNGs) from the CAMs of `cam`", cmd_pseudo)
     p = _add_infer(sub, "eval", "mIoU of the CAMs (and pseudo masks) -> metrics.json", cmd_eval)
     p.add_argument("--overlays", type=int, default=4, help="overlay panels to write")
+    _add_infer(
+        sub,
+        "segment",
+        "masks from the segmentation head (GETAM) and their mIoU -> seg/, seg_metrics.json",
+        cmd_segment,
+    )
 
     p = sub.add_parser("make-synthetic", help="write the built-in synthetic data set")
     p.add_argument("root")

@@ -13,6 +13,8 @@ otherwise). Outputs go under ``<run>/infer_<split>/`` by default:
   matrix over the split, no threshold sweep), ``pseudo_miou`` when pseudo masks exist, and the
   full :meth:`ConfusionMatrix.summary` of each;
 * ``overlays/<name>.png`` — ``image | CAM | pseudo | ground truth`` panels for a few images.
+* ``seg/<name>.png``, ``seg_metrics.json`` — masks from a method's segmentation head
+  (``method.segment``; GETAM) and their mIoU (:func:`segment_split`).
 
 Under ``torchrun`` the ``cam`` and ``pseudo`` commands split the images over the ranks
 (:func:`shard`, each rank writing its own files); ``eval`` reads them all on rank 0.
@@ -322,6 +324,48 @@ def evaluate(
     metrics["_tables"] = {"cam": cam_sum["table"]}
     if pseudo_cm is not None:
         metrics["_tables"]["pseudo"] = pseudo_cm.summary()["table"]
+    return metrics
+
+
+def segment_split(
+    cfg: Config, model: nn.Module, dataset, out_dir: str | Path, *, progress: bool = True
+) -> dict:
+    """Masks from the method's segmentation head (``method.segment``, GETAM's decoder) for the
+    images of ``dataset`` (normalised; with ground truth when it has masks): writes
+    ``out_dir/seg/<name>.png`` and ``out_dir/seg_metrics.json``. Returns the metrics dict
+    (``seg_miou`` None without ground truth; ``_table`` the per-class table)."""
+    from tqdm.auto import tqdm
+
+    method = build_method(cfg)
+    if not callable(getattr(method, "segment", None)):
+        raise ValueError(
+            f"method {cfg.method!r} has no segmentation head: its masks come from its CAMs "
+            "(wsss-fast cam, then pseudo)"
+        )
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg)
+    model = model.to(device).eval()
+    names = dataset.class_names
+    cm = ConfusionMatrix(len(names), 255, names) if dataset.with_mask else None
+    with _backend(cfg):
+        for i in tqdm(range(len(dataset)), desc="segmentation", disable=not progress):
+            s = dataset[i]
+            probs = method.segment(model, s["image"][None].to(device))[0]
+            mask = probs.argmax(0).cpu().numpy()
+            save_mask_png(out_dir / "seg" / f"{s['name']}.png", mask)
+            if cm is not None:
+                cm.update(mask, s["mask"].numpy())
+    summary = cm.summary() if cm is not None else None
+    metrics = {
+        "method": cfg.method,
+        "split": dataset.split,
+        "images": len(dataset),
+        "seg_miou": summary["miou"] if summary else None,
+    }
+    if summary:
+        metrics["seg"] = {k: v for k, v in summary.items() if k != "table"}
+    atomic_write_bytes(out_dir / "seg_metrics.json", json.dumps(metrics, indent=2).encode())
+    metrics["_table"] = summary["table"] if summary else None
     return metrics
 
 
