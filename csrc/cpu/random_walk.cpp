@@ -1,5 +1,7 @@
 // Random-walk refinement on CPU: `steps` products of the state with the column-stochastic
 // T = aff^beta / colsum(aff^beta) (forward, x <- x T) or with T^T (backward, x <- x T^T).
+#include "random_walk.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -168,36 +170,14 @@ at::Tensor random_walk_cpu(const at::Tensor& aff, const at::Tensor& x, double be
 at::Tensor random_walk_forward_cpu(const at::Tensor& aff, const at::Tensor& cam, double beta,
                                    int64_t steps) {
   CHECK_CPU(aff);
-  CHECK_DEVICE(cam, aff);
-  CHECK_DIM(aff, 3);
-  CHECK_DIM(cam, 3);
-  const int64_t B = aff.size(0), M = aff.size(1), C = cam.size(1);
-  CHECK_SHAPE(aff, B, M, M);
-  CHECK_SHAPE(cam, B, C, M);
-  CHECK_CONTIGUOUS(aff);
-  CHECK_CONTIGUOUS(cam);
-  CHECK_FLOATING(aff);
-  CHECK_FLOATING(cam);
-  TORCH_CHECK(beta > 0, "beta must be > 0, got ", beta);
-  TORCH_CHECK(steps >= 0, "steps must be >= 0, got ", steps);
+  WSSS_FAST_CHECK_RANDOM_WALK(aff, cam, beta, steps);
   return random_walk_cpu(aff, cam, beta, steps, /*backward=*/false);
 }
 
 at::Tensor random_walk_backward_cpu(const at::Tensor& aff, const at::Tensor& grad_out, double beta,
                                     int64_t steps) {
   CHECK_CPU(aff);
-  CHECK_DEVICE(grad_out, aff);
-  CHECK_DIM(aff, 3);
-  CHECK_DIM(grad_out, 3);
-  const int64_t B = aff.size(0), M = aff.size(1), C = grad_out.size(1);
-  CHECK_SHAPE(aff, B, M, M);
-  CHECK_SHAPE(grad_out, B, C, M);
-  CHECK_CONTIGUOUS(aff);
-  CHECK_CONTIGUOUS(grad_out);
-  CHECK_FLOATING(aff);
-  CHECK_FLOATING(grad_out);
-  TORCH_CHECK(beta > 0, "beta must be > 0, got ", beta);
-  TORCH_CHECK(steps >= 0, "steps must be >= 0, got ", steps);
+  WSSS_FAST_CHECK_RANDOM_WALK(aff, grad_out, beta, steps);
   return random_walk_cpu(aff, grad_out, beta, steps, /*backward=*/true);
 }
 

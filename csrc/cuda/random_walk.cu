@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "random_walk.h"
 #include "wsss_fast.h"
 
 namespace {
@@ -342,36 +343,14 @@ at::Tensor random_walk_cuda(const at::Tensor& aff, const at::Tensor& x, double b
 at::Tensor random_walk_forward_cuda(const at::Tensor& aff, const at::Tensor& cam, double beta,
                                     int64_t steps) {
   CHECK_CUDA(aff);
-  CHECK_DEVICE(cam, aff);
-  CHECK_DIM(aff, 3);
-  CHECK_DIM(cam, 3);
-  const int64_t B = aff.size(0), M = aff.size(1), C = cam.size(1);
-  CHECK_SHAPE(aff, B, M, M);
-  CHECK_SHAPE(cam, B, C, M);
-  CHECK_CONTIGUOUS(aff);
-  CHECK_CONTIGUOUS(cam);
-  CHECK_FLOATING(aff);
-  CHECK_FLOATING(cam);
-  TORCH_CHECK(beta > 0, "beta must be > 0, got ", beta);
-  TORCH_CHECK(steps >= 0, "steps must be >= 0, got ", steps);
+  WSSS_FAST_CHECK_RANDOM_WALK(aff, cam, beta, steps);
   return random_walk_cuda(aff, cam, beta, steps, /*backward=*/false);
 }
 
 at::Tensor random_walk_backward_cuda(const at::Tensor& aff, const at::Tensor& grad_out, double beta,
                                      int64_t steps) {
   CHECK_CUDA(aff);
-  CHECK_DEVICE(grad_out, aff);
-  CHECK_DIM(aff, 3);
-  CHECK_DIM(grad_out, 3);
-  const int64_t B = aff.size(0), M = aff.size(1), C = grad_out.size(1);
-  CHECK_SHAPE(aff, B, M, M);
-  CHECK_SHAPE(grad_out, B, C, M);
-  CHECK_CONTIGUOUS(aff);
-  CHECK_CONTIGUOUS(grad_out);
-  CHECK_FLOATING(aff);
-  CHECK_FLOATING(grad_out);
-  TORCH_CHECK(beta > 0, "beta must be > 0, got ", beta);
-  TORCH_CHECK(steps >= 0, "steps must be >= 0, got ", steps);
+  WSSS_FAST_CHECK_RANDOM_WALK(aff, grad_out, beta, steps);
   return random_walk_cuda(aff, grad_out, beta, steps, /*backward=*/true);
 }
 

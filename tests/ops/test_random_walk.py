@@ -222,6 +222,24 @@ def test_opcheck_registered_ops(device):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_op_checks_name_the_tensor(device):
+    """The C++ entry points' checks (shared by CPU and CUDA) name the caller's tensor."""
+    assert _ext.loaded(), _ext.load_error()
+    aff, cam = make_inputs(2, 19, 3, seed=4, device=device)
+    fwd, bwd = torch.ops.wsss_fast.random_walk_forward, torch.ops.wsss_fast.random_walk_backward
+    with pytest.raises(RuntimeError, match=r"cam must have shape \(B, C, M\)"):
+        fwd(aff, cam[..., :-1].contiguous(), 8.0, 3)
+    with pytest.raises(RuntimeError, match="grad_out must be contiguous"):
+        bwd(aff, cam.transpose(0, 1).contiguous().transpose(0, 1), 8.0, 3)
+    with pytest.raises(RuntimeError, match=r"aff must have shape \(B, M, M\)"):
+        bwd(aff[:, :, :-1].contiguous(), cam, 8.0, 3)
+    with pytest.raises(RuntimeError, match="beta must be > 0"):
+        fwd(aff, cam, 0.0, 3)
+    with pytest.raises(RuntimeError, match="steps must be >= 0"):
+        bwd(aff, cam, 8.0, -1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_compiled_op_float64(device):
     # The C++ kernels also take float64: the accumulation type follows the inputs.
     aff, cam = make_inputs(1, 17, 4, seed=6, device=device)
