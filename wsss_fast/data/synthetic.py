@@ -335,7 +335,17 @@ def synthetic_params(
     clutter: tuple[int, int] = (3, 6),
 ) -> dict:
     """The generator parameters :func:`make_synthetic` records in ``dataset.json`` for these
-    arguments (checked; see there)."""
+    arguments, checked (the arguments and their defaults are :func:`make_synthetic`'s)."""
+    if not 2 <= num_classes <= len(SYNTHETIC_CLASSES):
+        raise ValueError(
+            f"make_synthetic: num_classes must be 2..{len(SYNTHETIC_CLASSES)}, got {num_classes}"
+        )
+    if size < 32 or max_objects < 1 or num_train < 1 or num_val < 0 or boundary < 0:
+        raise ValueError(
+            "make_synthetic: need size >= 32, max_objects >= 1, num_train >= 1, num_val >= 0, "
+            f"boundary >= 0; got size={size}, max_objects={max_objects}, num_train={num_train}, "
+            f"num_val={num_val}, boundary={boundary}"
+        )
     lo, hi = (float(v) for v in object_size)
     c_lo, c_hi = (int(v) for v in clutter)
     if not 0.08 <= lo <= hi <= 0.45 or not 0 <= c_lo <= c_hi:
@@ -357,20 +367,7 @@ def synthetic_params(
     }
 
 
-def make_synthetic(
-    root: str | os.PathLike,
-    *,
-    num_train: int = 480,
-    num_val: int = 120,
-    size: int = 128,
-    seed: int = 0,
-    num_classes: int = 6,
-    max_objects: int = 3,
-    boundary: int = 1,
-    object_size: tuple[float, float] = (0.2, 0.32),
-    clutter: tuple[int, int] = (3, 6),
-    progress: bool = True,
-) -> Path:
+def make_synthetic(root: str | os.PathLike, *, progress: bool = True, **generator_args) -> Path:
     """Generate the synthetic data set under ``root`` unless it is already there.
 
     The defaults (600 images of 128 x 128, 6 classes) take a few seconds to generate and train
@@ -378,16 +375,20 @@ def make_synthetic(
 
     Args:
         root: the folder to write; it must be absent, empty, or an earlier synthetic root.
-        num_train, num_val: images per split (names ``train_00000``..., ``val_00000``...).
-        size: image side in pixels.
-        seed: the data set's seed; the same parameters always give the same bytes.
-        num_classes: K, 2..8; class k is ``SYNTHETIC_CLASSES[k - 1]``.
-        max_objects: objects per image are drawn from 1..max_objects.
-        boundary: half-width of the 255 band on object outlines.
-        object_size: range of an object's radius as a fraction of ``size`` (clutter stays
-            smaller than the smallest object: its blobs are 0.03-0.075 of ``size``).
-        clutter: range (inclusive) of clutter items per image.
         progress: show a tqdm bar.
+        generator_args: :func:`synthetic_params`'s keywords (defaults in brackets):
+
+            * ``num_train``, ``num_val``: images per split (480, 120; names ``train_00000``...,
+              ``val_00000``...);
+            * ``size``: image side in pixels (128);
+            * ``seed``: the data set's seed (0); the same parameters always give the same bytes;
+            * ``num_classes``: K, 2..8 (6); class k is ``SYNTHETIC_CLASSES[k - 1]``;
+            * ``max_objects``: objects per image are drawn from 1..max_objects (3);
+            * ``boundary``: half-width of the 255 band on object outlines (1);
+            * ``object_size``: range of an object's radius as a fraction of ``size``
+              ((0.2, 0.32); clutter stays smaller than the smallest object: its blobs are
+              0.03-0.075 of ``size``);
+            * ``clutter``: range (inclusive) of clutter items per image ((3, 6)).
 
     Returns:
         ``root`` as a Path. Load it with :class:`SyntheticDataset` (or :class:`VOCDataset`).
@@ -396,28 +397,8 @@ def make_synthetic(
         DataError: ``root`` holds something that is not a synthetic data set (it is never
         overwritten).
     """
-    if not 2 <= num_classes <= len(SYNTHETIC_CLASSES):
-        raise ValueError(
-            f"make_synthetic: num_classes must be 2..{len(SYNTHETIC_CLASSES)}, got {num_classes}"
-        )
-    if size < 32 or max_objects < 1 or num_train < 1 or num_val < 0 or boundary < 0:
-        raise ValueError(
-            "make_synthetic: need size >= 32, max_objects >= 1, num_train >= 1, num_val >= 0, "
-            f"boundary >= 0; got size={size}, max_objects={max_objects}, num_train={num_train}, "
-            f"num_val={num_val}, boundary={boundary}"
-        )
     root = Path(root)
-    params = synthetic_params(
-        num_train=num_train,
-        num_val=num_val,
-        size=size,
-        seed=seed,
-        num_classes=num_classes,
-        max_objects=max_objects,
-        boundary=boundary,
-        object_size=object_size,
-        clutter=clutter,
-    )
+    params = synthetic_params(**generator_args)
     if _matches(root, params):
         return root
     if (

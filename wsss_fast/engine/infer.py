@@ -327,6 +327,10 @@ def evaluate(
     return metrics
 
 
+class NoSegmentationHeadError(ValueError):
+    """The run's method has no segmentation head (``method.segment``)."""
+
+
 def segment_split(
     cfg: Config, model: nn.Module, dataset, out_dir: str | Path, *, progress: bool = True
 ) -> dict:
@@ -338,7 +342,7 @@ def segment_split(
 
     method = build_method(cfg)
     if not callable(getattr(method, "segment", None)):
-        raise ValueError(
+        raise NoSegmentationHeadError(
             f"method {cfg.method!r} has no segmentation head: its masks come from its CAMs "
             "(wsss-fast cam, then pseudo)"
         )

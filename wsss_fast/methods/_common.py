@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from wsss_fast._backend import BackendNotImplementedError, use_backend
+from wsss_fast.data.io import IGNORE_INDEX
 
 T = TypeVar("T")
-IGNORE_INDEX = 255
 
 
 def section_config(cfg: Any, cls: type[T], section: str, method: str, fallback: T | None) -> T:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_fast import ops
+from wsss_fast.data.io import IGNORE_INDEX
 from wsss_fast.data.transforms import denormalize
 from wsss_fast.engine.config import register_section
 from wsss_fast.eval.cams import minmax_normalize
@@ -56,8 +57,6 @@ __all__ = [
     "combine_labels",
     "token_labels",
 ]
-
-IGNORE_INDEX = 255
 
 
 @dataclass

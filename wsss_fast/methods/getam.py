@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_fast import ops
+from wsss_fast.data.io import IGNORE_INDEX
 from wsss_fast.data.transforms import denormalize
 from wsss_fast.engine.config import register_section
 from wsss_fast.methods._common import (
@@ -75,7 +76,6 @@ __all__ = [
     "split_ce_loss",
 ]
 
-IGNORE_INDEX = 255
 CLASSIFIERS = ("patches", "patches+token")
 
 
