@@ -65,6 +65,42 @@ def _device():
     return torch.device("cuda" if HAS_GPU else "cpu")
 
 
+def _batch(crop: int, batch: int, num_classes: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    label = (torch.rand(batch, num_classes, generator=g) < 0.15).float()
+    label[:, 0] = 1.0  # at least one class per image
+    device = _device()
+    return {
+        "image": torch.randn(batch, 3, crop, crop, generator=g).to(device),
+        "label": label.to(device),
+        "crop_box": torch.tensor([[0, crop, 0, crop]] * batch).to(device),
+    }
+
+
+def _step(method, model, opt, batch, info) -> torch.Tensor:
+    """One training step (bf16 autocast on a GPU), backward and optimizer step; the loss."""
+    with torch.autocast(batch["image"].device.type, torch.bfloat16, enabled=HAS_GPU):
+        terms = method.training_step(model, batch, info)
+    terms["loss"].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return terms["loss"].detach()
+
+
+def _measure_step(benchmark, provider, method, model, opt, batch, info):
+    def step():
+        return _step(method, model, opt, batch, info)
+
+    with wsss_fast.use_backend(PROVIDERS[provider]):
+        step()  # optimizer state exists before measuring
+        try:
+            loss = run_and_measure(benchmark, step, rounds=3)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            pytest.skip("out of memory")
+    assert torch.isfinite(loss)
+
+
 def aream_setup(crop: int, batch: int):
     torch.manual_seed(0)
     cfg = AReAMConfig(
@@ -80,24 +116,10 @@ def aream_setup(crop: int, batch: int):
     device = _device()
     model = method.build_model().to(device).train()
     opt = torch.optim.AdamW(method.param_groups(model), lr=1e-5)
-    g = torch.Generator().manual_seed(1)
-    label = (torch.rand(batch, cfg.num_classes, generator=g) < 0.15).float()
-    label[:, 0] = 1.0  # at least one class per image
-    batch_ = {
-        "image": torch.randn(batch, 3, crop, crop, generator=g).to(device),
-        "label": label.to(device),
-        "crop_box": torch.tensor([[0, crop, 0, crop]] * batch).to(device),
-    }
-    return method, model, opt, batch_
+    return method, model, opt, _batch(crop, batch, cfg.num_classes)
 
 
-def aream_step(method, model, opt, batch):
-    with torch.autocast(batch["image"].device.type, torch.bfloat16, enabled=HAS_GPU):
-        terms = method.training_step(model, batch, {"epoch": 1, "step": 0})
-    terms["loss"].backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return terms["loss"].detach()
+AREAM_INFO = {"epoch": 1, "step": 0}  # the affinity phase (cls_epochs=0)
 
 
 @pytest.mark.parametrize("crop,batch", AREAM_CASES, ids=lambda v: str(v))
@@ -105,14 +127,7 @@ def aream_step(method, model, opt, batch):
 def test_aream_step(benchmark, provider, crop, batch):
     method, model, opt, b = aream_setup(crop, batch)
     benchmark.extra_info.update(method="aream", provider=provider, crop=crop, batch=batch)
-    with wsss_fast.use_backend(PROVIDERS[provider]):
-        aream_step(method, model, opt, b)  # optimizer state exists before measuring
-        try:
-            loss = run_and_measure(benchmark, lambda: aream_step(method, model, opt, b), rounds=3)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            pytest.skip("out of memory")
-    assert torch.isfinite(loss)
+    _measure_step(benchmark, provider, method, model, opt, b, AREAM_INFO)
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
@@ -124,7 +139,7 @@ def test_aream_largest_crop(benchmark, provider):
         try:
             method, model, opt, b = aream_setup(crop, batch)
             with wsss_fast.use_backend(PROVIDERS[provider]):
-                aream_step(method, model, opt, b)
+                _step(method, model, opt, b, AREAM_INFO)
             largest = crop
         except torch.cuda.OutOfMemoryError:
             break
@@ -137,37 +152,6 @@ def test_aream_largest_crop(benchmark, provider):
     )
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     assert largest is not None, f"not even crop {CROP_LADDER[0]} fits"
-
-
-def _batch(crop: int, batch: int, num_classes: int) -> dict:
-    g = torch.Generator().manual_seed(1)
-    label = (torch.rand(batch, num_classes, generator=g) < 0.15).float()
-    label[:, 0] = 1.0
-    device = _device()
-    return {
-        "image": torch.randn(batch, 3, crop, crop, generator=g).to(device),
-        "label": label.to(device),
-        "crop_box": torch.tensor([[0, crop, 0, crop]] * batch).to(device),
-    }
-
-
-def _measure_step(benchmark, provider, method, model, opt, batch, info):
-    def step():
-        with torch.autocast(batch["image"].device.type, torch.bfloat16, enabled=HAS_GPU):
-            terms = method.training_step(model, batch, info)
-        terms["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return terms["loss"].detach()
-
-    with wsss_fast.use_backend(PROVIDERS[provider]):
-        step()
-        try:
-            loss = run_and_measure(benchmark, step, rounds=3)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            pytest.skip("out of memory")
-    assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("crop,batch", GETAM_CASES, ids=lambda v: str(v))
