@@ -126,6 +126,10 @@ def select(
     """
     name = get_backend()
     device_type = device.type
+    if device_type == "meta":
+        # Meta tensors stand for a CUDA device (shape-only runs such as `wsss-fast memory`): the
+        # choice a GPU would make, where the fused ops run as their fake kernels.
+        return _select_for_meta(op, name, impls, auto_order, kernel)
 
     def reason(backend: str) -> str | None:
         why = unavailable_reason(backend, device_type)
@@ -145,6 +149,37 @@ def select(
             f"Choose another with wsss_fast.use_backend(...) or WSSS_FAST_BACKEND."
         )
     why = reason(name)
+    if why is not None:
+        raise BackendError(f"wsss_fast.{op}: the {name!r} backend cannot run here: {why}")
+    return name, impls[name]
+
+
+def _meta_reason(backend: str, kernel: str | None) -> str | None:
+    """Why ``backend`` has no fake (shape-only) implementation here, or None."""
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        return "triton is not installed (`pip install triton`; Linux only)"
+    if backend == "cuda":
+        err = _ext.load_error()
+        if err is not None:
+            return err
+        if kernel is not None and not _ext.has_op(kernel):
+            return f"wsss_fast._C has no {kernel} op; rebuild it: `pip install --no-build-isolation -e .`"
+    return None
+
+
+def _select_for_meta(op, name, impls, auto_order, kernel) -> tuple[str, Callable]:
+    if name == "auto":
+        for cand in auto_order.get("cuda", ()):
+            if cand in impls and _meta_reason(cand, kernel) is None:
+                return cand, impls[cand]
+        raise BackendError(f"no backend of wsss_fast.{op} can run on meta tensors")
+    if name not in impls:
+        have = ", ".join(b for b in BACKENDS if b in impls)
+        raise BackendNotImplementedError(
+            f"wsss_fast.{op} is not implemented on the {name!r} backend yet (implemented: {have}). "
+            f"Choose another with wsss_fast.use_backend(...) or WSSS_FAST_BACKEND."
+        )
+    why = _meta_reason(name, kernel)
     if why is not None:
         raise BackendError(f"wsss_fast.{op}: the {name!r} backend cannot run here: {why}")
     return name, impls[name]

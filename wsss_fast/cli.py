@@ -388,6 +388,45 @@ def cmd_make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from wsss_fast import memory
+
+    cfg = _load_config(args.config, list(args.overrides))
+    if not cfg.method:
+        raise CLIError("no method: set method: in the config or pass method=aream")
+    try:
+        budget = memory.parse_size(args.fit) if args.fit is not None else None
+        report = memory.count_step(
+            cfg, crop=args.crop, batch=args.batch, backend=args.backend, phase=args.phase
+        )
+        fits = None
+        if budget is not None:
+            fits = {
+                be: memory.fit(
+                    cfg,
+                    budget,
+                    backend=be,
+                    crop=report.crop,
+                    batch=report.batch,
+                    phase=report.phase,
+                )
+                for be in ("reference", "auto")
+            }
+    except memory.MemoryError_ as e:
+        raise CLIError(str(e)) from e
+    if args.json:
+        out = report.to_json()
+        if fits is not None:
+            out["fit"] = {"budget_bytes": budget, **fits}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(memory.format_report(report))
+    if fits is not None:
+        print()
+        print(memory.format_fit(fits, budget, report))
+    return 0
+
+
 def _demo_method(args: argparse.Namespace) -> int:
     from wsss_fast.engine.infer import infer_split
 
@@ -451,6 +490,28 @@ def build_parser() -> argparse.ArgumentParser:
         "masks from the segmentation head (GETAM) and their mIoU -> seg/, seg_metrics.json",
         cmd_segment,
     )
+
+    p = sub.add_parser(
+        "memory",
+        help="device memory of one training step of a config, counted on the meta device "
+        "(no GPU, no data); --fit: the largest crop and batch within a budget",
+    )
+    p.add_argument("--config", default=None, help="YAML config (e.g. configs/aream_voc.yaml)")
+    p.add_argument("--crop", type=int, default=None, help="square crop (default data.crop_size)")
+    p.add_argument("--batch", type=int, default=None, help="batch (default data.batch_size)")
+    p.add_argument(
+        "--backend",
+        choices=["reference", "auto", "torch", "triton", "cuda"],
+        default="auto",
+        help="auto: the fused ops a CUDA GPU takes (default); reference: the published behaviour",
+    )
+    p.add_argument(
+        "--phase", default=None, help="the method's training phase (default: its last one)"
+    )
+    p.add_argument("--fit", default=None, help="a budget such as 24GiB or 80GB")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("make-synthetic", help="write the built-in synthetic data set")
     p.add_argument("root")

@@ -24,10 +24,11 @@ has ``preview(model, batch) -> {"image": [N,3,H,W] in [0,1], "cam": [N,H,W], "ps
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -49,7 +50,14 @@ from wsss_fast.engine import distributed
 from wsss_fast.engine.config import Config, config_to_dict, config_to_yaml, save_config
 from wsss_fast.engine.schedule import build_optimizer, build_scheduler
 
-__all__ = ["Method", "StepInfo", "TrainResult", "build_train_dataset", "train"]
+__all__ = [
+    "Method",
+    "StepInfo",
+    "TrainResult",
+    "build_train_dataset",
+    "optimizer_step",
+    "train",
+]
 
 
 @dataclass
@@ -207,6 +215,60 @@ class _Logger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def optimizer_step(
+    method: Method,
+    model: nn.Module,
+    raw_model: nn.Module,
+    batches: Iterator[dict],
+    optimizer: torch.optim.Optimizer,
+    info: StepInfo,
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """One optimizer step: ``optim.accum_steps`` micro-batches (drawn from ``batches``, already on
+    the device) through the method's ``training_step``
+    under ``autocast()``, backward, clipping, the optimizer update and ``zero_grad``.
+
+    The loop calls it for every step and ``wsss_fast.memory`` for the one step it counts, so the
+    counted step is the trained one. ``model`` may be the DDP wrapper of ``raw_model``; gradients
+    are all-reduced on the last micro-batch only. Returns this rank's loss terms of the step
+    (detached, averaged over the micro-batches, plus ``grad_norm`` when clipping) and the last
+    micro-batch. No host sync: nothing here reads a tensor's value.
+    """
+    o = info.cfg.optim
+    step_terms: dict[str, torch.Tensor] = {}
+    batch: dict = {}
+    for micro in range(o.accum_steps):
+        batch = next(batches)
+        micro_info = dataclasses.replace(info, micro_step=micro)
+        # Gradients are all-reduced only on the last micro-batch of a step.
+        sync = not info.dist.distributed or micro == o.accum_steps - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast():
+                terms = method.training_step(model, batch, micro_info)
+            if "loss" not in terms:
+                raise KeyError(f"training_step returned {sorted(terms)}; it must include 'loss'")
+            # Mean over the accumulated micro-batches, as one batch of their union.
+            loss = terms["loss"] / o.accum_steps
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        for k, v in terms.items():
+            v = v.detach().float() / o.accum_steps
+            step_terms[k] = step_terms[k] + v if k in step_terms else v
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if o.grad_clip > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), o.grad_clip)
+        step_terms["grad_norm"] = gnorm.detach().float()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_terms, batch
 
 
 def train(
@@ -399,41 +461,20 @@ def _train(cfg, method, dataset, callbacks, info: distributed.DistInfo) -> Train
                 # or a run resumed mid-epoch would draw different dropout masks.
                 generator=torch.Generator().manual_seed(d.seed + epoch),
             )
-            batches = iter(loader)
+            batches = (_to_device(b, device) for b in loader)
             for _ in range(min(steps_per_epoch - done_in_epoch, total_steps - step)):
                 lr = optimizer.param_groups[0]["lr"]
-                step_terms: dict[str, torch.Tensor] = {}
-                for micro in range(o.accum_steps):
-                    batch = _to_device(next(batches), device)
-                    step_info = StepInfo(
-                        step, epoch, micro, total_steps, steps_per_epoch, cfg, info
-                    )
-                    # Gradients are all-reduced only on the last micro-batch of a step.
-                    sync = not info.distributed or micro == o.accum_steps - 1
-                    with contextlib.nullcontext() if sync else model.no_sync():
-                        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                            terms = method.training_step(model, batch, step_info)
-                        if "loss" not in terms:
-                            raise KeyError(
-                                f"training_step returned {sorted(terms)}; it must include 'loss'"
-                            )
-                        # Mean over the accumulated micro-batches, as one batch of their union.
-                        loss = terms["loss"] / o.accum_steps
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
-                    for k, v in terms.items():
-                        v = v.detach().float() / o.accum_steps
-                        step_terms[k] = step_terms[k] + v if k in step_terms else v
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if o.grad_clip > 0:
-                    gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), o.grad_clip)
-                    step_terms["grad_norm"] = gnorm.detach().float()
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                step_info = StepInfo(step, epoch, 0, total_steps, steps_per_epoch, cfg, info)
+                step_terms, batch = optimizer_step(
+                    method,
+                    model,
+                    raw_model,
+                    batches,
+                    optimizer,
+                    step_info,
+                    autocast=lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp),
+                    scaler=scaler,
+                )
                 scheduler.step()
                 step += 1
                 bar.update(1)

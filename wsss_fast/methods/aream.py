@@ -364,6 +364,16 @@ class AReAM:
         first_deep_layer(self.config.layer_index, model.depth)  # fail early on a bad L0
         return model
 
+    def phases(self, total_steps: int, steps_per_epoch: int) -> dict[str, tuple[int, int]]:
+        """Training phases as ``name -> (step, epoch)`` of a step in each (``wsss-fast memory``):
+        ``"1"`` classification only, ``"2"`` from epoch ``cls_epochs`` on, with the online pseudo
+        labels and the affinity loss (absent when ``aff_weight`` is 0)."""
+        out = {"1": (0, 0)}
+        if self.config.aff_weight > 0:
+            e = self.config.cls_epochs
+            out["2"] = (e * steps_per_epoch, e)
+        return out
+
     def param_groups(self, model: nn.Module, cfg: Any = None) -> list[dict]:
         """timm's ``create_optimizer`` grouping: no weight decay on 1-d parameters (norms,
         biases) and on the class tokens and position embeddings."""

@@ -61,6 +61,7 @@ from wsss_fast.methods._common import (
 from wsss_fast.methods._common import step_value as _info
 from wsss_fast.methods._common import unwrap as _unwrap
 from wsss_fast.nn import capture, create_vit, patch_timm
+from wsss_fast.ops._checks import values_readable
 
 __all__ = [
     "GETAM",
@@ -396,7 +397,12 @@ def class_slot_maps(
     N = outputs[0].shape[-2]
     maps = torch.zeros(B, C, N - num_prefix, dtype=torch.float32, device=logits.device)
     counts = present.sum(1)
-    passes = int(counts.max()) if B else 0
+    if values_readable(counts):
+        passes = int(counts.max()) if B else 0
+    else:
+        # Shape-only run (meta tensors, `wsss-fast memory`): no labels to read, so the most
+        # passes any batch can need, one per class.
+        passes = C
     if passes == 0:
         return maps
     # Present classes first, in ascending order (a stable sort of "absent" flags).
@@ -404,9 +410,12 @@ def class_slot_maps(
     qs, ks, vs = (torch.stack([t.detach() for t in ts]) for ts in (q, k, v))
     images = torch.arange(B, device=logits.device)
     for j in range(passes):
+        # Images with fewer than j + 1 classes take no part in pass j; masks, not boolean
+        # indexing, so that no pass waits on the device for the number of such images.
         valid = counts > j
         cls = order[:, j]
-        score = logits[images[valid], cls[valid]].sum()
+        picked = logits.gather(1, cls[:, None])[:, 0]
+        score = torch.where(valid, picked, torch.zeros_like(picked)).sum()
         grads = torch.autograd.grad(
             score,
             list(outputs),
@@ -420,7 +429,7 @@ def class_slot_maps(
                 qj, kj, vj, g = qs.float(), ks.float(), vs.float(), g.float()
             m = or_auto(ops.getam_map, qj, kj, vj, g, scale=scale, row=0)
             m = F.relu(m[:, num_prefix:].float())
-            maps[images[valid], cls[valid]] = m[valid]
+            maps[images, cls] = torch.where(valid[:, None], m, maps[images, cls])
     return maps
 
 
@@ -607,9 +616,15 @@ def complete_labels(
         unknown = saliency == IGNORE_INDEX  # padding, as the data layer marks it
     claims = torch.zeros(B, H, W, dtype=torch.int64, device=cam.device)
     claimer = torch.zeros_like(claims)
-    for b, c in present.nonzero().tolist():
+    if values_readable(present, cam):
+        pairs = present.nonzero().tolist()
+    else:
+        # Shape-only run (`wsss-fast memory`): every class of every image, every pixel
+        # positive: the most work and memory the loop can take.
+        pairs = [(b, c) for b in range(B) for c in range(C)]
+    for b, c in pairs:
         m = cam[b, c]
-        positive = torch.sort(m[m > 0]).values
+        positive = torch.sort(m[m > 0] if values_readable(m) else m.flatten()).values
         rank = int(positive.numel() * percentile)
         if rank == 0:
             continue
@@ -650,7 +665,7 @@ def split_ce_loss(seg: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
         )
     target = target.long()
     bad = (target != IGNORE_INDEX) & ((target < 0) | (target >= seg.shape[1]))
-    if bad.any():
+    if values_readable(bad) and bad.any():
         raise ValueError(
             f"split_ce_loss: target holds ids outside 0..{seg.shape[1] - 1} and 255: "
             f"{sorted(set(target[bad].unique().tolist()))[:5]}"
@@ -725,6 +740,13 @@ class GETAM:
         ``optim.poly_quirk`` neither group decays.)"""
         model = _unwrap(model)
         return decay_groups(model)
+
+    def phases(self, total_steps: int, steps_per_epoch: int) -> dict[str, tuple[int, int]]:
+        """Training phases as ``name -> (step, epoch)`` of a step in each (``wsss-fast memory``):
+        ``"1"`` classification only, ``"2"`` with the GETAM maps, pseudo labels and the
+        segmentation loss."""
+        s2 = self.phase2_step(total_steps)
+        return {"1": (0, 0), "2": (s2, s2 // max(1, steps_per_epoch))}
 
     def phase2_step(self, total_steps: int) -> int:
         """The first optimizer step of phase 2."""

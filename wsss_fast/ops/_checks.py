@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (torch.float32, *LOW_PRECISION)
@@ -53,8 +54,28 @@ def same_device(op: str, **tensors: torch.Tensor) -> torch.device:
     return first
 
 
+def values_readable(*tensors: torch.Tensor) -> bool:
+    """Whether checks that read tensor values (NaN, ranges, labels) may run here.
+
+    They are skipped on ``meta`` and fake tensors (no values: shape-only runs such as
+    ``wsss-fast memory`` and ``torch.compile`` tracing), while ``torch.compile`` traces, and while a
+    CUDA graph is being captured (a host sync would break the capture). Everywhere else they run;
+    on a GPU each such check costs one device-to-host sync per call, which the op docstrings list.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t.is_meta or isinstance(t, FakeTensor):
+            return False
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+    return True
+
+
 def all_finite(op: str, name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    """Raise if ``t`` holds NaN or infinity (one host sync on a GPU; skipped where
+    :func:`values_readable` says so)."""
+    if values_readable(t) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"wsss_fast.{op}: {name} contains NaN or infinite values")
 
 

@@ -83,7 +83,7 @@ def affinity_loss(
             f"wsss_fast.affinity_loss: labels must be [B, N - num_prefix] = [{B}, {N - num_prefix}], "
             f"got {tuple(labels.shape)}"
         )
-    if bool((labels < 0).any()):
+    if _checks.values_readable(labels) and bool((labels < 0).any()):
         raise ValueError("wsss_fast.affinity_loss: labels must be >= 0 (255 marks ignored tokens)")
     scale = _checks.optional_scale(OP, scale)
     backend, impl = _backend.select(OP, _IMPLS, device)
