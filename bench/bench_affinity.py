@@ -20,7 +20,7 @@ layer forward; backward 2.5x the forward). A case that runs out of GPU memory is
 
 import pytest
 import torch
-from harness import HAS_GPU, SMOKE, run_and_measure
+from harness import SMOKE, run_and_measure
 
 import wsss_fast
 from wsss_fast import _backend
@@ -110,14 +110,11 @@ def _skip_unavailable(provider, device):
 
 def _measure(benchmark, run, op, L, B, N, mode):
     try:
-        result = run_and_measure(benchmark, run)
+        result = run_and_measure(benchmark, run, flops=gemm_flops(op, L, B, N, mode))
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         pytest.skip("out of memory")
     assert result is not None
-    if HAS_GPU:
-        median = benchmark.stats.stats.median
-        benchmark.extra_info["tflops"] = round(gemm_flops(op, L, B, N, mode) / median / 1e12, 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])

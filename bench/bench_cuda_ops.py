@@ -3,8 +3,8 @@
 Each section below benchmarks one op with providers ``reference`` (the eager oracle of
 ``wsss_fast.ops.reference``, which materialises what the published code materialises), ``torch``
 and ``cuda`` (``wsss_fast.<op>`` on that backend). Recorded per case: median time
-(pytest-benchmark) and peak memory above the inputs (``harness.run_and_measure``), with the GPU
-name and versions. Under ``WSSS_FAST_BENCH_SMOKE=1`` without a GPU each case runs once at a tiny
+(pytest-benchmark), peak memory above the inputs and GB/s of the bytes the op cannot avoid moving
+(``harness.run_and_measure``; each section states its count), with the GPU name and versions. Under ``WSSS_FAST_BENCH_SMOKE=1`` without a GPU each case runs once at a tiny
 size on the CPU.
 """
 
@@ -19,7 +19,8 @@ from wsss_fast import _backend
 # par (AReAM/AFA) and pamr (GETAM) at crop sizes against the reference, which unfolds the
 # [B, C, 48, H, W] neighbour tensor at every iteration: VOC's C = 21, default dilations
 # (K = 48), 10 iterations, B = 8. par gets the [0, 1] image, pamr the 0-255 one, as the methods
-# feed them.
+# feed them. GB/s counts the image read once and the float32 masks read and written once per
+# iteration (the 48 neighbour reads are expected to hit cache).
 
 REFINE_SIZES = [(24, 20)] if SMOKE else [(448, 448), (512, 512)]
 REFINE_B = 1 if SMOKE else 8
@@ -56,7 +57,8 @@ def bench_refine(benchmark, device, op, provider, size):
         # What the published code builds at every iteration, for scale.
         neighbour_tensor_bytes=4 * REFINE_B * REFINE_C * REFINE_K * H * W,
     )
-    out = run_and_measure(benchmark, fn, rounds=3)
+    bytes_moved = 4 * REFINE_B * H * W * (3 + 2 * REFINE_C * REFINE_ITERS)
+    out = run_and_measure(benchmark, fn, rounds=3, bytes_moved=bytes_moved)
     assert out.shape == masks.shape and bool(torch.isfinite(out).all())
 
 
@@ -73,6 +75,8 @@ def bench_refine(benchmark, device, op, provider, size):
 # Modes: ``fwd`` (the map: CAM generation) and ``fwd+bwd`` (the map and its gradient with respect
 # to q, k, v and grad_out, as end-to-end training needs; ``published`` takes dP with
 # create_graph=True for that).
+# GB/s counts what the op cannot avoid: the map reads k and v once (the query and grad_out rows
+# are negligible); with the backward, k and v once more and the four gradients written.
 
 GETAM_SIZES = [17] if SMOKE else [257, 785, 3137]
 GETAM_L, GETAM_B, GETAM_H, GETAM_D = 6, 4, 12, 64
@@ -135,5 +139,7 @@ def bench_getam_map(benchmark, device, provider, mode, N, dtype):
         # One layer's attention in the input dtype: what the published code keeps per layer.
         attention_bytes_per_layer=GETAM_B * GETAM_H * N * N * inputs[0].element_size(),
     )
-    out = run_and_measure(benchmark, fn, rounds=3 if N > 1000 else 5)
+    full = GETAM_L * GETAM_B * GETAM_H * N * GETAM_D * inputs[0].element_size()
+    bytes_moved = (2 + 2 + 4) * full if backward else 2 * full
+    out = run_and_measure(benchmark, fn, rounds=3 if N > 1000 else 5, bytes_moved=bytes_moved)
     assert out.shape == (GETAM_B, N) and bool(torch.isfinite(out).all())

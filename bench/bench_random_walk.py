@@ -6,7 +6,10 @@ Providers:
 - ``torch``, ``triton``, ``cuda``: ``wsss_fast.random_walk`` on that backend (``steps``
   applications; the fused kernels keep no M x M buffer beyond the input).
 Shapes: C = 21 (VOC), steps = 64, beta = 8, M from 1024 to 11750 (a 500x375 image at stride 4).
-Recorded: median time (pytest-benchmark), peak memory above the inputs, GPU and versions.
+Recorded: median time (pytest-benchmark), peak memory above the inputs, GPU and versions;
+for ``squaring`` TFLOP/s of its products (``log2(steps)`` squarings at ``2 M^3`` and ``cam @ T`` at
+``2 C M^2``), for the walks GB/s of the ``aff`` reads they cannot avoid (once for the column sums
+and once per step: ``(steps + 1) M^2`` elements; the ``[C, M]`` vectors are left out).
 """
 
 import math
@@ -59,7 +62,12 @@ def bench_random_walk(benchmark, device, provider, M, aff_dtype):
 
     benchmark.group = f"random_walk M={M} C={C} steps={STEPS} aff={str(aff_dtype)[6:]}"
     benchmark.extra_info.update(provider=provider, M=M, C=C, steps=STEPS, aff_dtype=str(aff_dtype))
-    out = run_and_measure(benchmark, fn, rounds=3 if M > 8000 and provider == "squaring" else 5)
+    if provider == "squaring":
+        work = dict(flops=int(math.log2(STEPS)) * 2 * M**3 + 2 * C * M * M)
+    else:
+        work = dict(bytes_moved=(STEPS + 1) * M * M * aff.element_size())
+    rounds = 3 if M > 8000 and provider == "squaring" else 5
+    out = run_and_measure(benchmark, fn, rounds=rounds, **work)
     assert out.shape == cam.shape and bool(torch.isfinite(out).all())
     if HAS_GPU:
         # Peak memory counted in M x M float32 buffers beyond the inputs.

@@ -6,16 +6,26 @@ Run on a GPU machine and keep the JSON:
 
 Without a GPU every benchmark is skipped, unless WSSS_FAST_BENCH_SMOKE=1 (the test suite sets
 it): then each runs once at a tiny size on the CPU, so the benchmark code itself stays tested.
+
+Without pytest-benchmark installed (or with WSSS_FAST_BENCH_FALLBACK=1) the ``benchmark`` fixture
+is ``harness.FallbackBenchmark``: the same timing, written only to WSSS_FAST_BENCH_RECORD.
 """
 
 import os
 
-from harness import HAS_GPU, SMOKE, git_revision
+from harness import HAS_GPU, SMOKE, FallbackBenchmark, git_revision
 
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+try:
+    import pytest_benchmark  # noqa: F401
+
+    USE_FALLBACK = os.environ.get("WSSS_FAST_BENCH_FALLBACK") == "1"
+except ImportError:
+    USE_FALLBACK = True
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,6 +39,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# optionalhook: pytest refuses unknown hooks, and this one exists only with pytest-benchmark.
+@pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
     from wsss_fast.cli import collect_info
 
@@ -42,6 +54,13 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "git_revision": git_revision(),
         "extension": info["extension"],
     }
+
+
+if USE_FALLBACK:
+
+    @pytest.fixture
+    def benchmark(request):
+        return FallbackBenchmark(request.node)
 
 
 @pytest.fixture
