@@ -38,17 +38,19 @@ IGNORE = 255
 def make_inputs(L, B, N, device, dtype):
     """L layers of q, k as views of per-layer fused qkv projections (what timm produces), a
     CAM [B, C, Np] and token labels [B, Np] with 21 classes and about 30% ignored."""
-    g = torch.Generator().manual_seed(0)
+    # Drawn on the device: drawing gigabytes on the CPU took most of a GPU run (gpu_check.sh).
+    g = torch.Generator(device).manual_seed(0)
     qs, ks = [], []
     for _ in range(L):
-        qkv = torch.randn(B, N, 3, H, D, generator=g).to(device, dtype).permute(2, 0, 3, 1, 4)
+        qkv = torch.randn(B, N, 3, H, D, generator=g, device=device).to(dtype)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
         qs.append(qkv[0].requires_grad_())
         ks.append(qkv[1].requires_grad_())
     Np = N - PREFIX
-    cam = torch.rand(B, C, Np, generator=g).to(device).requires_grad_()
-    labels = torch.randint(0, C, (B, Np), generator=g)
-    labels[torch.rand(B, Np, generator=g) < 0.3] = IGNORE
-    return qs, ks, cam, labels.to(device)
+    cam = torch.rand(B, C, Np, generator=g, device=device).requires_grad_()
+    labels = torch.randint(0, C, (B, Np), generator=g, device=device)
+    labels[torch.rand(B, Np, generator=g, device=device) < 0.3] = IGNORE
+    return qs, ks, cam, labels
 
 
 def published_affinity_loss(qs, ks, labels):

@@ -73,9 +73,11 @@ def bench_attention(benchmark, device, provider, mode, export, model, N, dtype):
         pytest.skip("smoke run: one interpreted Triton mode is enough")
     H = HEADS[model]
     B = 1 if SMOKE else max(1, 16384 // N)
-    g = torch.Generator().manual_seed(0)
+    # Drawn on the device: drawing gigabytes on the CPU took most of a GPU run (gpu_check.sh).
+    g = torch.Generator(device).manual_seed(0)
     q, k, v = (
-        torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3)
+        torch.randn(B, H, N, D, generator=g, device=device).to(dtype).requires_grad_()
+        for _ in range(3)
     )
     fn = provider_fn(provider, export)
 

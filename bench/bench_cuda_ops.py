@@ -35,10 +35,11 @@ def bench_refine(benchmark, device, op, provider, size):
     if why is not None:
         pytest.skip(why)
     H, W = size
-    g = torch.Generator().manual_seed(0)
+    # Drawn on the device: drawing gigabytes on the CPU took most of a GPU run (gpu_check.sh).
+    g = torch.Generator(device).manual_seed(0)
     scale = 1.0 if op == "par" else 255.0
-    image = (scale * torch.rand(REFINE_B, 3, H, W, generator=g)).to(device)
-    masks = torch.rand(REFINE_B, REFINE_C, H, W, generator=g).softmax(dim=1).to(device)
+    image = scale * torch.rand(REFINE_B, 3, H, W, generator=g, device=device)
+    masks = torch.rand(REFINE_B, REFINE_C, H, W, generator=g, device=device).softmax(dim=1)
     refine = getattr(wsss_fast, op)
 
     def fn():
@@ -105,9 +106,10 @@ def published_getam(q, k, v, grad_out, *, create_graph: bool) -> torch.Tensor:
 def bench_getam_map(benchmark, device, provider, mode, N, dtype):
     if provider != "published" and _backend.unavailable_reason(provider, device):
         pytest.skip(_backend.unavailable_reason(provider, device))
-    g = torch.Generator().manual_seed(0)
+    # Drawn on the device: drawing gigabytes on the CPU took most of a GPU run (gpu_check.sh).
+    g = torch.Generator(device).manual_seed(0)
     shape = (GETAM_L, GETAM_B, GETAM_H, N, GETAM_D)
-    inputs = [torch.randn(shape, generator=g).to(device, dtype) for _ in range(4)]
+    inputs = [torch.randn(shape, generator=g, device=device).to(dtype) for _ in range(4)]
     backward = mode == "fwd+bwd"
     if backward:
         inputs = [t.requires_grad_() for t in inputs]

@@ -34,11 +34,12 @@ def dense_squaring(aff: torch.Tensor, cam: torch.Tensor, beta: float, steps: int
 
 
 def make_inputs(M: int, device: str, aff_dtype: torch.dtype):
-    g = torch.Generator().manual_seed(0)
-    aff = torch.rand(1, M, M, generator=g) * 0.9
+    # Drawn on the device: drawing gigabytes on the CPU took most of a GPU run (gpu_check.sh).
+    g = torch.Generator(device).manual_seed(0)
+    aff = torch.rand(1, M, M, generator=g, device=device) * 0.9
     aff.diagonal(dim1=1, dim2=2).fill_(1.0)
-    cam = torch.rand(1, C, M, generator=g)
-    return aff.to(device, aff_dtype), cam.to(device)
+    cam = torch.rand(1, C, M, generator=g, device=device)
+    return aff.to(aff_dtype), cam
 
 
 @pytest.mark.parametrize("aff_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
