@@ -93,6 +93,7 @@ class StorageCounter(TorchDispatchMode):
         self.peak_event = 0
         self.tags: dict[int, str] = {}
         self.op = "before the step"
+        self.origin: dict[int, str] = {}  # allocation id -> the op that allocated it
         self.peak_op = self.op
 
     def _size(self, storage) -> int:
@@ -120,6 +121,7 @@ class StorageCounter(TorchDispatchMode):
             return
         if old is None:
             key = self.ids[address] = len(self.events)
+            self.origin[key] = self.op
             weakref.finalize(storage, self._release, address, key)
             self.live[key] = size
             delta = size
@@ -160,6 +162,14 @@ class StorageCounter(TorchDispatchMode):
             else:
                 live.pop(key, None)
         return live
+
+    def by_op_at_peak(self) -> dict[str, int]:
+        """Bytes live at the peak, by the op that allocated them (largest first)."""
+        out: dict[str, int] = {}
+        for key, size in self.live_at_peak().items():
+            op = self.origin.get(key, "?")
+            out[op] = out.get(op, 0) + size
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -296,8 +306,9 @@ class EmulatedAutocast(TorchFunctionMode):
     """``torch.autocast("cuda", dtype)`` for tensors of ``device`` (meta), where autocast itself
     does nothing: matmul-like ops cast their floating inputs to ``dtype``, the ops CUDA autocast
     runs in float32 cast them to float32, ``cat`` / ``stack`` take the widest input dtype.
-    Casts of leaf tensors that require grad (the weights) are cached for the region, as
-    autocast's ``cache_enabled`` does. Calls nested inside a Python-level function (a loss
+    Casts of leaf tensors that require grad (the weights) made with grad enabled are cached for
+    the region, as autocast's ``cache_enabled`` does (a cast made under ``no_grad`` is not kept:
+    reused later it would cut the weights out of the graph). Calls nested inside a Python-level function (a loss
     written in Python) run uncast; the methods call the listed functions directly.
     """
 
@@ -326,7 +337,7 @@ class EmulatedAutocast(TorchFunctionMode):
             return type(value)(self._cast(v, dtype) for v in value)
         if not self._eligible(value) or value.dtype == dtype:
             return value
-        if value.is_leaf and value.requires_grad:
+        if value.is_leaf and value.requires_grad and torch.is_grad_enabled():
             cached = self._cache.get(id(value))
             if cached is None or cached.dtype != dtype:
                 cached = self._cache[id(value)] = value.to(dtype)
@@ -377,6 +388,8 @@ class MemoryReport:
     """Op -> backend each op of the step ran on."""
     peak_op: str = ""
     """The aten op whose output reached the peak."""
+    top_ops: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The ops whose outputs hold the most bytes at the peak (at most 8)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -497,11 +510,11 @@ def _build_step(cfg, method, crop, batch, phase, device: str) -> _Step:
         else [p for p in model.parameters() if p.requires_grad]
     )
     optimizer = build_optimizer(cfg.optim, params)
-    if device != "cpu":
-        for group in optimizer.param_groups:
-            # On a CUDA device torch picks the foreach implementation (its temporaries count).
-            if group.get("foreach", False) is None:
-                group["foreach"] = True
+    for group in optimizer.param_groups:
+        # On a CUDA device torch picks the foreach implementation (its temporaries count); the
+        # CPU count (for the tests) runs it too, so that it is the same step.
+        if group.get("foreach", False) is None:
+            group["foreach"] = True
 
     steps_per_epoch = 100
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
@@ -647,6 +660,7 @@ def count_step(
         breakdown=breakdown,
         backends=dict(sorted(record.seen.items())),
         peak_op=counter.peak_op,
+        top_ops=dict(list(counter.by_op_at_peak().items())[:8]),
     )
 
 
@@ -780,6 +794,9 @@ def format_report(r: MemoryReport) -> str:
     ]
     for k in CATEGORIES:
         lines.append(f"    {k:<13} {format_bytes(r.breakdown[k]):>12}")
+    lines.append("  largest at the peak, by the op that allocated them:")
+    for op, n in list(r.top_ops.items())[:5]:
+        lines.append(f"    {format_bytes(n):>12}  {op}")
     ops = ", ".join(f"{op} {be}" for op, be in r.backends.items()) or "none"
     lines.append(f"  ops: {ops}")
     lines.append(
