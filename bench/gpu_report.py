@@ -96,18 +96,19 @@ def split_test_id(name: str) -> tuple[str, list[str]]:
 def op_backend(module: str, name: str, extra: dict | None = None) -> tuple[str, str]:
     """(op, backend) of a test or benchmark case.
 
-    Benchmarks: the op is the bench function's name without ``bench_``/``test_`` (or a
-    ``par``/``pamr`` parameter), unless extra_info names it. Tests: the op is the test module's
-    name without ``test_`` (``tests/ops/test_attention.py`` -> ``attention``). The backend is
-    extra_info's provider, else the first parameter that names one, else ``-``.
+    Benchmarks: the op is the bench function's name without ``bench_``/``test_``, unless
+    extra_info names it. Tests: the op is the test module's name without ``test_``
+    (``tests/ops/test_attention.py`` -> ``attention``). A ``par``/``pamr`` parameter names the op
+    in both. The backend is extra_info's provider, else the first parameter that names one, else
+    ``-``.
     """
     extra = extra or {}
     func, params = split_test_id(name)
     if module.split(".")[-1].startswith("bench_") or func.startswith("bench_"):
         op = re.sub(r"^(bench|test)_", "", func)
-        op = next((p for p in params if p in PARAM_OPS), op)
     else:
         op = re.sub(r"^test_", "", module.split(".")[-1])
+    op = next((p for p in params if p in PARAM_OPS), op)
     op = str(extra.get("op") or op)
     backend = extra.get("provider") or next((p for p in params if p in PROVIDERS), "-")
     return op, str(backend)
@@ -274,6 +275,9 @@ def build(work: str, info: dict | None = None) -> dict:
     n_failed_bench = sum(b["outcome"] == "failed" for b in benchmarks)
     if n_failed_tests:
         reasons.append(f"{n_failed_tests} gpu test(s) failed")
+    ran_tests = any(p["name"] == "tests" and p["status"] in ("ok", "fail") for p in phases)
+    if ran_tests and not any(t["outcome"] == "passed" for t in tests):
+        reasons.append("no gpu test passed")
     if n_failed_bench:
         reasons.append(f"{n_failed_bench} benchmark case(s) failed")
     if not phases:
@@ -396,7 +400,11 @@ def _row_status(r: dict) -> str:
 def verdict_lines(report: dict, *, max_failures: int = 6) -> list[str]:
     """The one-screen verdict: phases, the op x backend table, the first failures, one line."""
     gpu = report.get("gpu") or "unknown GPU"
-    lines = [f"wsss_fast gpu_check  {gpu}  revision {report.get('revision') or 'unknown'}"]
+    info = report.get("info") or {}
+    lines = [
+        f"wsss_fast gpu_check  {gpu}  revision {report.get('revision') or 'unknown'}  "
+        f"torch {info.get('torch', '?')}  triton {info.get('triton', '?')}"
+    ]
     phase_bits = []
     for p in report["phases"]:
         secs = f"{p['seconds']:.0f}s" if p["seconds"] is not None else "?"
@@ -419,11 +427,12 @@ def verdict_lines(report: dict, *, max_failures: int = 6) -> list[str]:
             shown = "-"
         sp = r["speedup_vs_baseline"]
         case = best["case"] if best else (r["skip_reason"] if _row_status(r) == "SKIP" else "")
+        # A row whose result is a note (a search) has no meaningful time.
+        median = best["median_s"] if best and not best["note"] else None
         lines.append(
             f"{r['op'][:18]:<18} {r['backend'][:9]:<9} {_row_status(r):<4} "
             f"{_counts(r['tests']):<11} {_counts(r['bench']):<11} {shown:>16} "
-            f"{_fmt_time(best['median_s'] if best else None):>9} "
-            f"{(f'{sp:.1f}x' if sp else '-'):>7}  {case[:40]}"
+            f"{_fmt_time(median):>9} {(f'{sp:.1f}x' if sp else '-'):>7}  {case[:32]}"
         )
     fails = report["failures"]
     for f in fails[:max_failures]:

@@ -174,6 +174,7 @@ def test_op_backend_from_ids():
         "sdpa",
     )
     assert ob("tests.ops.test_par", "test_gpu_large_image[par-cuda]") == ("par", "cuda")
+    assert ob("tests.ops.test_par", "test_gpu_peak_memory[pamr-cuda]") == ("pamr", "cuda")
     assert ob("tests.ops.test_attention", "test_gpu_vit_shapes_bf16[785]") == ("attention", "-")
     assert ob("bench.bench_methods", "test_crt_step[fused-(336, 16)]") == ("crt_step", "fused")
 
@@ -236,6 +237,19 @@ def test_verdict_passes_when_everything_ran(tmp_path, capsys):
     last = capsys.readouterr().out.splitlines()[-1]
     assert rep["verdict"]["pass"] is True
     assert last == "VERDICT: PASS (1 gpu tests passed, 0 benchmark cases timed)"
+
+
+def test_verdict_fails_when_every_gpu_test_skipped(tmp_path, capsys):
+    """A GPU run whose gpu tests all skip tested nothing on the GPU: that is no pass."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "phases.tsv").write_text("tests\tok\t0\t30\t\n")
+    (work / "tests_gpu.xml").write_text(
+        _junit([("tests.ops.test_par", "test_gpu_large_image[par-cuda]", "skipped", "no GPU")])
+    )
+    gpu_report.report(str(work), str(tmp_path / "r"), "x", print_verdict=True)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "VERDICT: FAIL (no gpu test passed; 0 gpu tests passed, 0 benchmark cases timed)"
 
 
 def test_verdict_with_nothing_run_fails(tmp_path, capsys):
