@@ -26,7 +26,8 @@
 #   GPU_CHECK_SUITES     the benchmark suites to run, in order (default: all five, see below)
 #   GPU_CHECK_BENCH_K    a pytest -k expression for every suite (e.g. "bfloat16 and not vits")
 #   GPU_CHECK_TESTS      what `pytest -m gpu` runs (default: tests)
-#   GPU_CHECK_WORKERS    pytest-xdist workers for the gpu tests (default 4 when xdist is there)
+#   GPU_CHECK_WORKERS    pytest-xdist workers for the gpu tests, when xdist is installed
+#                        (default: half the cores, at most 8)
 #   GPU_CHECK_ALLOW_CPU  1: run without a GPU, benchmarks in smoke mode (checks this script)
 #   WSSS_FAST_REVISION   the revision in the file name, where the tree has no .git
 set -uo pipefail
@@ -51,6 +52,19 @@ ROUNDS=${GPU_CHECK_ROUNDS:-3}
 BUDGET=${GPU_CHECK_BUDGET:-540}
 BUILD_MODE=${GPU_CHECK_BUILD:-auto}
 REPORT_RESERVE=15 # seconds kept back from the budget for the last report
+for knob in GPU_CHECK_ROUNDS="$ROUNDS" GPU_CHECK_BUDGET="$BUDGET"; do
+  if ! [[ ${knob#*=} =~ ^[1-9][0-9]*$ ]]; then
+    echo "gpu_check: ${knob%%=*} must be a positive integer, got '${knob#*=}'" >&2
+    exit 2
+  fi
+done
+case $BUILD_MODE in
+  auto | always | never) ;;
+  *)
+    echo "gpu_check: GPU_CHECK_BUILD must be auto, always or never, got '$BUILD_MODE'" >&2
+    exit 2
+    ;;
+esac
 # Phase time boxes in seconds; the estimate behind them is in README.md, "First GPU run".
 BOX_BUILD=240
 BOX_INFO=60
@@ -82,7 +96,8 @@ set_commands() {
   TESTS_CMD=("$PY" -m pytest "${TEST_PATHS[@]}" -m gpu -q -p no:cacheprovider
     "--junitxml=$WORK/tests_gpu.xml")
   # Several workers overlap the Triton compiles, which dominate the gpu tests' time.
-  local workers=${GPU_CHECK_WORKERS:-4}
+  local half=$(($(nproc) / 2))
+  local workers=${GPU_CHECK_WORKERS:-$((half < 8 ? half : 8))}
   if ((workers > 1)) && "$PY" -c "import xdist" 2>/dev/null; then
     TESTS_CMD+=(-n "$workers")
   fi
@@ -127,7 +142,19 @@ if [ -z "$PY" ]; then
   echo "gpu_check: no Python with torch found (tried \$PYTHON, .venv/bin/python, python3); set PYTHON to one with a CUDA build of torch" >&2
   exit 2
 fi
-GPU_NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>/dev/null)
+GPU_NAME=$("$PY" - 2>/dev/null <<'PYEOF'
+try:
+    import torch
+
+    print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+except Exception as e:  # a broken driver or torch: say which, in one line
+    print("!" + f"{type(e).__name__}: {e}".splitlines()[0])
+PYEOF
+)
+if [[ $GPU_NAME == "!"* ]]; then
+  echo "gpu_check: $PY cannot query the GPU (${GPU_NAME#!}); fix the driver or torch install, or set PYTHON" >&2
+  exit 2
+fi
 if [ -z "$GPU_NAME" ] && [ "${GPU_CHECK_ALLOW_CPU:-0}" = 1 ]; then
   GPU_NAME=cpu
   export WSSS_FAST_BENCH_SMOKE=1
