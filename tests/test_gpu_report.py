@@ -299,6 +299,69 @@ def test_harness_records_the_round_clock(tmp_path, monkeypatch):
         harness.bench_rounds(3)
 
 
+def test_harness_gpu_path_times_rounds_by_events(tmp_path, monkeypatch):
+    """The GPU branch with the CUDA calls faked: two untimed calls (warm-up, peak memory), then
+    each round flushes L2 and is timed from its events, milliseconds turned into seconds."""
+    harness = _load("wsss_bench_harness_gpu", ROOT / "bench" / "harness.py")
+    gpu_ms = [0.0]  # the fake device clock
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = gpu_ms[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    class FakeFlush:
+        zeroed = 0
+
+        def zero_(self):
+            FakeFlush.zeroed += 1
+            gpu_ms[0] += 1000.0  # the flush is enqueued before the start event: never counted
+
+    cuda = harness.torch.cuda
+    monkeypatch.setattr(harness, "HAS_GPU", True)
+    monkeypatch.setattr(harness, "SMOKE", False)
+    monkeypatch.setattr(harness, "_l2_flush_buffer", lambda: FakeFlush())
+    monkeypatch.setattr(cuda, "Event", FakeEvent)
+    monkeypatch.setattr(cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda: 100)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda: 400)
+    monkeypatch.setattr(cuda, "get_device_name", lambda: "Fake GPU")
+    monkeypatch.setenv("WSSS_FAST_BENCH_ROUNDS", "3")
+    monkeypatch.delenv("WSSS_FAST_BENCH_RECORD", raising=False)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        gpu_ms[0] += 4.0  # 4 ms of device time per call
+        return "out"
+
+    node = types.SimpleNamespace(name="bench_y", nodeid="bench/bench_y.py::bench_y")
+    bench = harness.FallbackBenchmark(node)
+    clocks = []
+    real_use_clock = harness._use_clock
+    monkeypatch.setattr(
+        harness, "_use_clock", lambda b, c: (clocks.append(c), real_use_clock(b, c))
+    )
+    assert harness.run_and_measure(bench, fn, flops=8e12) == "out"
+    assert len(calls) == 2 + 3 and FakeFlush.zeroed == 3
+    assert clocks[0].times == [0.004, 0.004, 0.004] and bench._timer() == pytest.approx(0.012)
+    # 8e12 FLOP in 4 ms is 2000 TFLOP/s; peak memory is measured above the baseline.
+    assert bench.extra_info["tflops"] == 2000.0
+    assert bench.extra_info["peak_memory_bytes"] == 300
+    assert bench.extra_info["timer"] == "cuda_events_l2_flush"
+    assert bench.extra_info["gpu"] == "Fake GPU"
+
+
 def test_bench_suite_runs_without_pytest_benchmark(tmp_path):
     """The fallback fixture carries a suite when the pytest-benchmark plugin is absent."""
     record = tmp_path / "rec.jsonl"
