@@ -183,8 +183,9 @@ class StorageCounter(TorchDispatchMode):
 # ---------------------------------------------------------------------------------------------
 # CUDA autocast, for meta tensors
 
-# CUDA autocast's lists (aten/src/ATen/autocast_mode.cpp), at the level of the torch functions
-# the methods call. Ops that are not listed run in their inputs' dtype, as under autocast.
+# CUDA autocast's lists (AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32, ..._SET_OPT_DTYPE and
+# AT_FORALL_PROMOTE in ATen/autocast_mode.h), at the level of the torch functions the methods call.
+# Ops that are not listed run in their inputs' dtype, as under autocast.
 _LOWER = (
     F.linear,
     F.conv1d,
@@ -207,6 +208,7 @@ _LOWER = (
     torch.einsum,
     torch.chain_matmul,
     torch.linalg.multi_dot,
+    torch.linalg.vecdot,
     torch.Tensor.matmul,
     torch.Tensor.__matmul__,
     torch.Tensor.__rmatmul__,
@@ -224,6 +226,10 @@ _FP32 = (
     F.softmin,
     F.layer_norm,
     F.group_norm,
+    F.rms_norm,
+    F.upsample,
+    F.upsample_nearest,
+    F.upsample_bilinear,
     F.normalize,
     F.softplus,
     F.cross_entropy,
@@ -299,7 +305,25 @@ _FP32 = (
     torch.Tensor.erfinv,
     torch.Tensor.renorm,
 )
-_PROMOTE = (torch.cat, torch.stack, torch.addcdiv, torch.addcmul, torch.atan2, torch.dot)
+_PROMOTE = (
+    torch.cat,
+    torch.stack,
+    torch.addcdiv,
+    torch.addcmul,
+    torch.atan2,
+    torch.dot,
+    torch.vdot,
+    torch.cross,
+    torch.tensordot,
+    torch.scatter_add,
+    torch.Tensor.scatter_add,
+    F.bilinear,
+    F.grid_sample,
+)
+
+
+def _interp_mode(args, kwargs) -> str:
+    return kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
 
 
 class EmulatedAutocast(TorchFunctionMode):
@@ -351,6 +375,9 @@ class EmulatedAutocast(TorchFunctionMode):
                 self._cast(args, self.dtype),
                 {k: self._cast(v, self.dtype) for k, v in kwargs.items()},
             )
+        elif func is F.interpolate and _interp_mode(args, kwargs) != "area":
+            # upsample_* are float32 ops; mode "area" is adaptive_avg_pool2d, which is not.
+            args = self._cast(args, torch.float32)
         elif func in self._fp32:
             args = self._cast(args, torch.float32)
             kwargs = {k: self._cast(v, torch.float32) for k, v in kwargs.items()}

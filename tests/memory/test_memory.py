@@ -115,11 +115,17 @@ def test_emulated_autocast_follows_cuda_lists():
         n = torch.nn.functional.layer_norm(y, (8,))
         g = torch.nn.functional.gelu(y)
         s = torch.cat([y, x])
+        up = torch.nn.functional.interpolate(
+            g.reshape(1, 1, 4, 8), scale_factor=2.0, mode="bilinear"
+        )
+        pooled = torch.nn.functional.interpolate(g.reshape(1, 1, 4, 8), size=(2, 4), mode="area")
     assert y.dtype == torch.bfloat16  # linear: lower precision
     assert p.dtype == torch.float32  # softmax: float32
     assert n.dtype == torch.float32  # layer_norm: float32
     assert g.dtype == torch.bfloat16  # not listed: the input's dtype
     assert s.dtype == torch.float32  # cat: the widest input
+    assert up.dtype == torch.float32  # upsample_bilinear2d: float32
+    assert pooled.dtype == torch.bfloat16  # "area" is adaptive_avg_pool2d: not listed
 
 
 @pytest.mark.parametrize(
