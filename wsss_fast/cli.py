@@ -409,6 +409,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
                     crop=report.crop,
                     batch=report.batch,
                     phase=report.phase,
+                    progress=True,
                 )
                 for be in ("reference", "auto")
             }

@@ -529,7 +529,7 @@ def _build_step(cfg, method, crop, batch, phase, device: str) -> _Step:
             model = method.build_model(cfg)
     else:
         model = method.build_model(cfg).to(device)
-    _check_crop(model, crop)
+    _check_crop(method, model, crop)
     model.train()
     params = (
         method.param_groups(model, cfg)
@@ -660,6 +660,8 @@ def count_step(
                     st.info,
                     autocast=st.autocast,
                 )
+            except ValueError as e:
+                raise MemoryError_(f"the {cfg.method} step rejects this configuration: {e}") from e
             except (NotImplementedError, RuntimeError) as e:
                 if device == "meta" and "meta" in str(e).lower():
                     raise MemoryError_(
@@ -722,13 +724,27 @@ def cuda_peak(
     return int(torch.cuda.max_memory_allocated())
 
 
-def _check_crop(model, crop: int) -> None:
-    patch = _patch_size(model)
-    if patch and crop % patch:
-        lo, hi = crop // patch * patch, -(-crop // patch) * patch
-        raise MemoryError_(
-            f"crop {crop} is not a multiple of the patch size {patch}; use {lo or hi} or {hi}"
+def _crop_grid(method, model) -> tuple[int, int]:
+    """``(smallest, step)`` of the crops a method's step takes: its ``crop_grid`` if it has
+    one (CRT: whole tiles), else the multiples of the backbone's patch size."""
+    if hasattr(method, "crop_grid"):
+        return tuple(method.crop_grid())
+    patch = _patch_size(model) or 1
+    return patch, patch
+
+
+def _check_crop(method, model, crop: int) -> None:
+    start, step = _crop_grid(method, model)
+    if crop < start or (crop - start) % step:
+        lo = start + max(0, (crop - start) // step) * step
+        hi = lo + step if crop > lo else lo
+        what = (
+            f"a multiple of the patch size {step}"
+            if start == step
+            else f"{start} + a multiple of {step}"
         )
+        near = f"{lo} or {hi}" if lo != hi else str(lo)
+        raise MemoryError_(f"crop {crop} is not {what}; use {near}")
 
 
 def _patch_size(model) -> int | None:
@@ -746,29 +762,30 @@ def largest_fit(
 ) -> int | None:
     """The largest ``x`` in ``start, start + step, ...`` (at most ``limit``) with
     ``measure(x) <= budget``, assuming ``measure`` grows with ``x``; None if ``start`` does not
-    fit. Doubling, then bisection: about ``2 log2(limit / step)`` measurements."""
-    if measure(start) > budget:
+    fit. Doubling, then bisection over the grid: about ``2 log2(limit / step)`` measurements."""
+
+    def fits(k: int) -> bool:
+        return measure(start + k * step) <= budget
+
+    kmax = (limit - start) // step
+    if kmax < 0 or not fits(0):
         return None
-    lo = start  # fits
-    hi = None  # does not fit
-    x = start
+    lo, hi = 0, None  # lo fits; hi (when known) does not
     while hi is None:
-        nxt = min(limit, max(x + step, (2 * x) // step * step))
-        if nxt == x:
-            return x
-        if measure(nxt) <= budget:
-            lo = x = nxt
+        k = min(kmax, max(lo + 1, 2 * lo + 1))
+        if k == lo:
+            return start + lo * step
+        if fits(k):
+            lo = k
         else:
-            hi = nxt
-    while hi - lo > step:
-        mid = (lo + hi) // 2 // step * step
-        if mid <= lo:
-            break
-        if measure(mid) <= budget:
+            hi = k
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
             lo = mid
         else:
             hi = mid
-    return lo
+    return start + lo * step
 
 
 CROP_LIMIT = 4096
@@ -783,30 +800,39 @@ def fit(
     crop: int | None = None,
     batch: int | None = None,
     phase: str | None = None,
+    progress: bool = False,
 ) -> dict[str, int | None]:
     """The largest crop (a multiple of the patch size, at ``batch``) and the largest batch (at
     ``crop``) whose step peaks within ``budget`` bytes; None where even the smallest does not.
 
-    Returns ``{"crop": ..., "batch": ..., "at_batch": batch, "at_crop": crop}``.
+    Returns ``{"crop": ..., "batch": ..., "at_batch": batch, "at_crop": crop}``. ``progress``
+    shows a bar of the steps counted (on stderr).
     """
+    from tqdm.auto import tqdm
+
     cfg = _with_crop_and_batch(cfg, crop, batch)
     crop, batch = cfg.data.crop_size, cfg.data.batch_size
-    method = None
     from wsss_fast.engine.infer import build_method
 
     method = build_method(cfg)
     with torch.device("meta"):
-        patch = _patch_size(method.build_model(cfg)) or 1
+        start, step = _crop_grid(method, method.build_model(cfg))
+
+    name = "fused" if backend == "auto" else backend
+    bar = tqdm(desc=f"fit {name}", unit=" steps counted", disable=not progress, leave=False)
 
     def peak(**kw) -> int:
+        bar.set_postfix(kw)
+        bar.update(1)
         return count_step(cfg, backend=backend, phase=phase, method=method, **kw).peak_bytes
 
     best_crop = largest_fit(
-        lambda c: peak(crop=c, batch=batch), budget, start=patch, step=patch, limit=CROP_LIMIT
+        lambda c: peak(crop=c, batch=batch), budget, start=start, step=step, limit=CROP_LIMIT
     )
     best_batch = largest_fit(
         lambda b: peak(crop=crop, batch=b), budget, start=1, step=1, limit=BATCH_LIMIT
     )
+    bar.close()
     return {"crop": best_crop, "batch": best_batch, "at_batch": batch, "at_crop": crop}
 
 

@@ -159,6 +159,8 @@ def test_largest_fit_bisects():
     assert memory.largest_fit(measure, 10_000, start=16, step=16, limit=4096) == 96
     assert memory.largest_fit(measure, 100, start=16, step=16, limit=4096) is None
     assert memory.largest_fit(measure, 10**12, start=16, step=16, limit=4096) == 4096
+    # CRT's grid: whole tiles, 224 + k * 112; 672^2 <= 500000 < 784^2
+    assert memory.largest_fit(measure, 500_000, start=224, step=112, limit=4096) == 672
     assert len(calls) < 40
 
 
@@ -256,6 +258,13 @@ def test_cli_memory_bad_input(capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_memory_crt_crop_must_be_whole_tiles(capsys):
+    rc = main(["memory", "--config", "configs/crt_voc.yaml", "--crop", "240", "--batch", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert "not 224 + a multiple of 112; use 224 or 336" in err and len(err.splitlines()) == 1
 
 
 # -------------------------------------------------------------------------------- on a GPU

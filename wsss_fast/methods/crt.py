@@ -580,6 +580,11 @@ class CRT:
         self.config = _config(cfg, self.config)
         return build_model(self.config)
 
+    def crop_grid(self) -> tuple[int, int]:
+        """``(smallest, step)``: the training crops this method takes are ``smallest + k * step``
+        (whole tiles; ``wsss-fast memory`` searches crops on this grid)."""
+        return self.config.tile_size, self.config.tile_stride
+
     def param_groups(self, model: nn.Module, cfg: Any = None) -> list[dict]:
         """Backbones at the base lr, the new heads at ``head_lr_mult`` times it (the per-group
         ``lr``; the engine's schedule scales every group). Frozen parameters are left out. Each
