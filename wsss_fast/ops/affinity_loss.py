@@ -64,6 +64,9 @@ def affinity_loss(
         The ``torch`` and ``triton`` backends never form a ``[B, Np, Np]`` tensor and save only
         q, k and labels for backward.
 
+    Host syncs: one per call on a GPU, for the check that no label is negative; it is skipped on
+    meta and fake tensors, under ``torch.compile`` and during CUDA-graph capture.
+
     Example::
 
         with wsss_fast.capture(model, keep_qkv=True) as cap:

@@ -56,6 +56,9 @@ def attention(
         respect to q, k and v; a gradient arriving on the export is folded into the same backward.
         The fused backends save only q, k, v, out and the float32 row log-sum-exp for backward.
 
+    Host syncs: none; the op reads no tensor values on the host, so it runs on meta and fake
+    tensors and under CUDA-graph capture.
+
     Example::
 
         out, affinity = wsss_fast.attention(q, k, v, export="mean")   # affinity: [B, N, N]

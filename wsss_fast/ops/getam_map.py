@@ -45,6 +45,9 @@ def getam_map(
         ``torch`` backends, to first order on ``cuda`` (its backward raises under
         ``create_graph=True``). ``relu``'s derivative at 0 is taken to be 0, as in PyTorch.
 
+    Host syncs: none; the op reads no tensor values on the host, so it runs on meta and fake
+    tensors and under CUDA-graph capture.
+
     Example::
 
         grads = torch.autograd.grad(score, outs)  # outs[l]: [B, H, N, D] per-head outputs

@@ -82,6 +82,9 @@ def propagate(
         every backend). The ``torch`` and ``triton`` backends never form an ``N x N`` tensor and
         save only q, k, cam and the weights for backward.
 
+    Host syncs: none; the op reads no tensor values on the host, so it runs on meta and fake
+    tensors and under CUDA-graph capture.
+
     Example::
 
         with torch.no_grad(), wsss_fast.capture(model, keep_qkv=True) as cap:
