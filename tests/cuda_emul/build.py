@@ -41,7 +41,8 @@ import torch.utils.cpp_extension as cpp_extension
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-CSRC = ROOT / "csrc"
+# WSSS_FAST_EMUL_CSRC points the build at another copy of csrc/ (a planted bug, a branch).
+CSRC = Path(os.environ.get("WSSS_FAST_EMUL_CSRC") or ROOT / "csrc").resolve()
 NAMESPACE = "wsss_fast_emul"
 TEST_NAMESPACE = "wsss_fast_emul_test"
 # Host code the kernel files call (PAR's position weights live with the CPU kernels).
@@ -318,16 +319,23 @@ def load(sanitize: str | None = None) -> str:
 
 def sanitizer_env(sanitize: str) -> dict[str, str]:
     """Environment for a child process that loads the ``sanitize`` build."""
-    runtime = subprocess.run(
-        ["g++", f"-print-file-name={RUNTIME[sanitize]}"], capture_output=True, text=True
-    ).stdout.strip()
+
+    def lib(name: str) -> str:
+        return subprocess.run(
+            ["g++", f"-print-file-name={name}"], capture_output=True, text=True
+        ).stdout.strip()
+
     env = dict(os.environ)
     env.update(
-        LD_PRELOAD=runtime,
+        # The runtime first, as it demands; libstdc++ before anything throws (python does not
+        # link it, and the runtime's __cxa_throw interceptor needs it loaded).
+        LD_PRELOAD=f"{lib(RUNTIME[sanitize])} {lib('libstdc++.so.6')}",
         WSSS_FAST_EMUL_SANITIZE=sanitize,
         ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
         UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
         TSAN_OPTIONS="halt_on_error=1:report_signal_unsafe=0",
+        # torch's OpenMP pool (libgomp is not instrumented) would show as races of its own.
+        OMP_NUM_THREADS="1",
     )
     return env
 

@@ -56,6 +56,16 @@ __global__ void _planted_deadlock_kernel(float* out) {
   out[threadIdx.x] = v;
 }
 
+// For the sanitizer builds only (test_cuda_emul_sanitize.py): thread t reads what thread t + 1
+// wrote without a barrier in between (a data race), and thread t writes out[t + 1] (one element
+// past the end of out).
+__global__ void _planted_race_kernel(float* out) {
+  __shared__ float s[64];
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+__global__ void _planted_out_of_bounds_kernel(float* out) { out[threadIdx.x + 1] = 1.0f; }
+
 // Constant memory filled with cudaMemcpyToSymbol and a struct passed by value.
 __constant__ float c_table[4];
 struct Affine {
@@ -114,6 +124,12 @@ at::Tensor planted(const std::string& which) {
     C10_CUDA_CHECK(
         cudaMemcpyToSymbolAsync(c_table, table, sizeof(table), 0, cudaMemcpyHostToDevice, stream));
     _planted_constant_kernel<<<1, 64, 0, stream>>>(o, Affine{0.5f, 10});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (which == "smem_race") {
+    _planted_race_kernel<<<1, 64, 0, stream>>>(o);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (which == "global_out_of_bounds") {
+    _planted_out_of_bounds_kernel<<<1, 64, 0, stream>>>(o);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     TORCH_CHECK(false, "unknown planted case ", which);
