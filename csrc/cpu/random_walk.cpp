@@ -1,5 +1,7 @@
 // Random-walk refinement on CPU: `steps` products of the state with the column-stochastic
-// T = aff^beta / colsum(aff^beta) (forward, x <- x T) or with T^T (backward, x <- x T^T).
+// T = aff^beta / colsum(aff^beta) (forward, x <- x T) or with T^T (backward, x <- x T^T), evaluated
+// as r^beta / colsum(r^beta) with r_ij = aff_ij / max_i aff_ij: the same matrix, but r lies in
+// [0, 1] with a 1 in every column, so neither the power nor the sums over- or underflow.
 #include "random_walk.h"
 
 #include <ATen/Dispatch.h>
@@ -34,19 +36,31 @@ inline acc_t pow_beta(acc_t a, acc_t beta, bool beta_is_one) {
 
 // Writes W for one batch element so that both directions are the same product
 // y[c, n] = sum_k x[c, k] W[k, n]: W = T (forward) or W = T^T (backward), with
-// T[i, j] = aff[i, j]^beta / sum_i aff[i, j]^beta. The column sums and the normalisation run in
-// double and T is rounded once: this runs once per batch element, while an error in T compounds
-// over the steps (with M = 1, T = 1 exactly instead of 1 +- 1 ulp).
+// T[i, j] = r[i, j]^beta / sum_i r[i, j]^beta and r[i, j] = aff[i, j] / max_i aff[i, j]. The column
+// sums and the normalisation run in double and T is rounded once: this runs once per batch element,
+// while an error in T compounds over the steps (with M = 1, T = 1 exactly instead of 1 +- 1 ulp).
+// An all-zero column gives 0 / 0 = NaN, as the formula does.
 template <typename aff_t, typename acc_t>
 void materialise(const aff_t* aff, acc_t* w, int64_t M, acc_t beta, bool transpose) {
   const bool beta_is_one = beta == acc_t(1);
   const int64_t n_blocks = ceil_div(M, kBlockCols);
   if (!transpose) {
+    // Column maxima by blocks of columns, so each task reads aff row by row.
+    std::vector<acc_t> col_max(M, acc_t(0));
+    at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
+      const int64_t j0 = blk0 * kBlockCols, j1 = std::min(M, blk1 * kBlockCols);
+      for (int64_t i = 0; i < M; ++i) {
+        for (int64_t j = j0; j < j1; ++j) {
+          col_max[j] = std::max(col_max[j], static_cast<acc_t>(aff[i * M + j]));
+        }
+      }
+    });
     const int64_t row_grain = std::max<int64_t>(1, kMinTaskElems / M);
     at::parallel_for(0, M, row_grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t j = 0; j < M; ++j) {
-          w[i * M + j] = pow_beta(static_cast<acc_t>(aff[i * M + j]), beta, beta_is_one);
+          w[i * M + j] =
+              pow_beta(static_cast<acc_t>(aff[i * M + j]) / col_max[j], beta, beta_is_one);
         }
       }
     });
@@ -66,16 +80,16 @@ void materialise(const aff_t* aff, acc_t* w, int64_t M, acc_t beta, bool transpo
     });
   } else {
     // A task owns rows [j0, j1) of W = T^T: it transposes them in from aff's columns, then
-    // normalises each row, which is a column of aff^beta.
+    // scales each row (a column of aff) by its maximum, raises it to beta and normalises it.
     at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
       const int64_t j0 = blk0 * kBlockCols, j1 = std::min(M, blk1 * kBlockCols);
       for (int64_t i = 0; i < M; ++i) {
-        for (int64_t j = j0; j < j1; ++j) {
-          w[j * M + i] = pow_beta(static_cast<acc_t>(aff[i * M + j]), beta, beta_is_one);
-        }
+        for (int64_t j = j0; j < j1; ++j) w[j * M + i] = static_cast<acc_t>(aff[i * M + j]);
       }
       for (int64_t j = j0; j < j1; ++j) {
         acc_t* row = w + j * M;
+        const acc_t m = *std::max_element(row, row + M);
+        for (int64_t i = 0; i < M; ++i) row[i] = pow_beta(row[i] / m, beta, beta_is_one);
         double s = 0;
         for (int64_t i = 0; i < M; ++i) s += row[i];
         const double inv = 1.0 / s;

@@ -1,7 +1,17 @@
 // Random-walk refinement on CUDA: `steps` launches of a tiled product of the state with
-// T = aff^beta / colsum(aff^beta) (forward, x <- x T) or T^T (backward, x <- x T^T). pow is applied
-// as aff tiles are loaded, so no [M, M] buffer exists; aff is read once per step per block of 64
-// output columns, for all rows of x at once.
+// T = aff^beta / colsum(aff^beta) (forward, x <- x T) or T^T (backward, x <- x T^T). T is evaluated
+// as r^beta / colsum(r^beta) with r_ij = aff_ij / max_i aff_ij (the same matrix): r lies in [0, 1]
+// with a 1 in every column, so neither the power nor the column sums over- or underflow, where
+// aff^beta itself is inf for aff near 1e5 and 0 for aff below 1e-6 at beta = 8. A pre-pass finds
+// each column's maximum and 1 / colsum(r^beta); each step raises r to beta as aff tiles are loaded,
+// so no [M, M] buffer exists; aff is read once per step per block of 64 output columns, for all
+// rows of x at once.
+//
+// Recomputing r^beta at every step costs, per aff element and step, one IEEE division and a
+// log2/exp2 pair (three special-function ops, ~24 FMA slots at 16 SFU vs 128 FMA lanes per SM
+// cycle), against the 2 * C FLOPs of the element's products; no extra bytes move. Storing T instead
+// would need a [B, M, M] float32 buffer (552 MB per image at PSA's M = 11750) and, for 16-bit aff,
+// double the bytes each step reads; the op exists to avoid that buffer, so the power is recomputed.
 //
 // The stream comes from c10/cuda rather than ATen/cuda/CUDAContext.h: the latter pulls in the
 // cuBLAS and cuSPARSE headers, which a CUDA toolkit without those libraries lacks.
@@ -38,8 +48,8 @@ __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// exp2(beta * log2(a)) costs a few instructions against powf's dozens; log2f(0) = -inf gives
-// 0^beta = 0 for beta > 0 without a branch.
+// r^beta for r in [0, 1]. exp2(beta * log2(r)) costs a few instructions against powf's dozens;
+// log2f(0) = -inf gives 0^beta = 0 for beta > 0 without a branch.
 __device__ __forceinline__ float pow_beta(float a, float beta, bool beta_is_one) {
   return beta_is_one ? a : exp2f(beta * log2f(a));
 }
@@ -47,41 +57,60 @@ __device__ __forceinline__ double pow_beta(double a, double beta, bool beta_is_o
   return beta_is_one ? a : pow(a, beta);
 }
 
-// inv_s[b, j] = 1 / sum_i aff[b, i, j]^beta. A block covers 32 columns; its warps read 32
-// consecutive columns of one row at a time and sum rows threadIdx.y, threadIdx.y + 16, ... The sums
-// are kept in double: this pass runs once per call and is memory-bound, while an error in a column
-// sum compounds over the steps.
+// col_max[b, j] = max_i aff[b, i, j] and inv_s[b, j] = 1 / sum_i (aff[b, i, j] / col_max[b,
+// j])^beta, in two passes over the column. A block covers 32 columns; its warps read 32 consecutive
+// columns of one row at a time and reduce rows threadIdx.y, threadIdx.y + 16, ... Each r^beta is
+// computed exactly as the step kernel computes it, so the columns of T sum to 1 up to the final
+// rounding. The sums are kept in double: this pass runs once per call and is memory-bound, while an
+// error in a column sum compounds over the steps. An all-zero column gives 0 / 0 = NaN, as the
+// formula does.
 template <typename aff_t, typename acc_t>
 __global__ void __launch_bounds__(32 * kColsumY)
-    _random_walk_colsum_kernel(const aff_t* __restrict__ aff, double* __restrict__ inv_s, int64_t M,
-                               acc_t beta, bool beta_is_one) {
-  __shared__ double part[kColsumY][32];
+    _random_walk_colstats_kernel(const aff_t* __restrict__ aff, acc_t* __restrict__ col_max,
+                                 double* __restrict__ inv_s, int64_t M, acc_t beta,
+                                 bool beta_is_one) {
+  __shared__ acc_t part_max[kColsumY][32];
+  __shared__ double part_sum[kColsumY][32];
   const int64_t col_tiles = ceil_div(M, 32);
   const int64_t b = blockIdx.x / col_tiles;
   const int64_t j = (blockIdx.x % col_tiles) * 32 + threadIdx.x;
-  double s = 0;
+  const aff_t* col = aff + b * M * M + j;
+  acc_t m = acc_t(0);
   if (j < M) {
-    const aff_t* col = aff + b * M * M + j;
     for (int64_t i = threadIdx.y; i < M; i += kColsumY) {
-      s += pow_beta(static_cast<acc_t>(col[i * M]), beta, beta_is_one);
+      const acc_t a = static_cast<acc_t>(col[i * M]);
+      m = a > m ? a : m;
     }
   }
-  part[threadIdx.y][threadIdx.x] = s;
+  part_max[threadIdx.y][threadIdx.x] = m;
+  __syncthreads();
+#pragma unroll
+  for (int y = 0; y < kColsumY; ++y)
+    m = part_max[y][threadIdx.x] > m ? part_max[y][threadIdx.x] : m;
+  double s = 0;
+  if (j < M) {
+    for (int64_t i = threadIdx.y; i < M; i += kColsumY) {
+      s += pow_beta(static_cast<acc_t>(col[i * M]) / m, beta, beta_is_one);
+    }
+  }
+  part_sum[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && j < M) {
     double total = 0;
 #pragma unroll
-    for (int y = 0; y < kColsumY; ++y) total += part[y][threadIdx.x];
+    for (int y = 0; y < kColsumY; ++y) total += part_sum[y][threadIdx.x];
+    col_max[b * M + j] = m;
     inv_s[b * M + j] = 1.0 / total;
   }
 }
 
 template <typename aff_t, typename acc_t>
 struct StepArgs {
-  const aff_t* aff;     // [B, M, M]
-  const acc_t* x;       // [B, C, M], the state before this step
-  const double* inv_s;  // [B, M]
-  acc_t* out;           // [B, C, M], or [splits, B, C, M] partial sums
+  const aff_t* aff;      // [B, M, M]
+  const acc_t* x;        // [B, C, M], the state before this step
+  const acc_t* col_max;  // [B, M]
+  const double* inv_s;   // [B, M]
+  acc_t* out;            // [B, C, M], or [splits, B, C, M] partial sums
   int64_t B, C, M;
   int64_t c0;               // first row of x handled by this launch
   int64_t tiles_per_split;  // reduction tiles per blockIdx.y
@@ -104,13 +133,14 @@ __device__ __forceinline__ void tile_coords(int tid, int m, int& k, int& n) {
   }
 }
 
-// One step for rows [c0, c0 + rows) of x, over the reduction range of split blockIdx.y:
-//   forward:  out[b, c, n] = inv_s[b, n] * sum_k x[b, c, k] * aff[b, k, n]^beta
-//   backward: out[b, c, n] = sum_k aff[b, n, k]^beta * (x[b, c, k] * inv_s[b, k])
+// One step for rows [c0, c0 + rows) of x, over the reduction range of split blockIdx.y, with
+// r[b, i, j] = aff[b, i, j] / col_max[b, j] (so r^beta <= 1 and the sums stay below M max|x|):
+//   forward:  out[b, c, n] = inv_s[b, n] * sum_k x[b, c, k] * r[b, k, n]^beta
+//   backward: out[b, c, n] = sum_k r[b, n, k]^beta * (x[b, c, k] * inv_s[b, k])
 // (forward: un-normalised partial sums when the reduction is split). inv_s is double so that
 // scaling rounds once, like a division (with M = 1, x stays exact instead of drifting an ulp per
 // step), without a division's slow path and registers in the loop. Both directions stage the tile
-// as w_s[k][n] = aff^beta so the inner product is the same; thread (tx, ty) owns column n0 + tx and
+// as w_s[k][n] = r^beta so the inner product is the same; thread (tx, ty) owns column n0 + tx and
 // rows r * 4 + ty, so a warp reads one broadcast x_s element and 32 consecutive w_s elements.
 // R = 21 would take ~140 registers and fit one block per SM; capping it at 128 (two blocks, a few
 // bytes of spill) keeps more aff loads in flight. A minimum of 0 leaves smaller R to ptxas, which
@@ -132,11 +162,21 @@ __global__ void __launch_bounds__(kThreads, R > 12 ? 2 : 0)
   const int rows = rows_left < kGroups * R ? static_cast<int>(rows_left) : kGroups * R;
   const aff_t* aff = p.aff + b * M * M;
   const acc_t* x = p.x + (b * p.C + p.c0) * M;
+  const acc_t* col_max = p.col_max + b * M;
   const double* inv_s = p.inv_s + b * M;
 
-  // Raw aff values of the next tile, loaded one tile ahead so their latency overlaps the FMAs.
+  // Raw aff values of the next tile, loaded one tile ahead so their latency overlaps the FMAs, and
+  // the maximum of the column of aff they lie in: all of a thread's loads of a tile share it (the
+  // column is n in forward, k in backward, and tile_coords keeps both fixed over m).
   aff_t next[kLoads];
+  acc_t next_max;
   auto load_tile = [&](int64_t k0) {
+    {
+      int k, n;
+      tile_coords<kBackward>(tid, 0, k, n);
+      const int64_t col = kBackward ? k0 + k : n0 + n;
+      next_max = col < M ? col_max[col] : acc_t(1);  // padding elements are 0 / 1 = 0
+    }
 #pragma unroll
     for (int m = 0; m < kLoads; ++m) {
       int k, n;
@@ -157,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, R > 12 ? 2 : 0)
     for (int m = 0; m < kLoads; ++m) {
       int k, n;
       tile_coords<kBackward>(tid, m, k, n);
-      w_s[k * kLdw + n] = pow_beta(static_cast<acc_t>(next[m]), p.beta, p.beta_is_one);
+      w_s[k * kLdw + n] = pow_beta(static_cast<acc_t>(next[m]) / next_max, p.beta, p.beta_is_one);
     }
     // Padding rows and columns past k_end are zero, so they add nothing below.
     for (int e = tid; e < kGroups * R * kTileK; e += kThreads) {
@@ -260,12 +300,14 @@ void run(const at::Tensor& aff, const at::Tensor& x0, at::Tensor (&buf)[2], doub
   const bool beta_is_one = beta == 1.0;
   constexpr int64_t kMaxGrid = (int64_t{1} << 31) - 1;
 
+  at::Tensor col_max = at::empty({B, M}, x0.options());
   at::Tensor inv_s = at::empty({B, M}, x0.options().dtype(at::kDouble));
   const int64_t colsum_blocks = B * ceil_div(M, 32);
   TORCH_CHECK(colsum_blocks <= kMaxGrid, "random_walk: B * ceil(M / 32) must be < 2^31");
-  _random_walk_colsum_kernel<aff_t, acc_t>
+  _random_walk_colstats_kernel<aff_t, acc_t>
       <<<static_cast<unsigned>(colsum_blocks), dim3(32, kColsumY), 0, stream>>>(
-          aff.data_ptr<aff_t>(), inv_s.data_ptr<double>(), M, beta_acc, beta_is_one);
+          aff.data_ptr<aff_t>(), col_max.data_ptr<acc_t>(), inv_s.data_ptr<double>(), M, beta_acc,
+          beta_is_one);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const int64_t blocks = B * ceil_div(M, kTileN);
@@ -289,6 +331,7 @@ void run(const at::Tensor& aff, const at::Tensor& x0, at::Tensor (&buf)[2], doub
     acc_t* dst = buf[s % 2].data_ptr<acc_t>();
     StepArgs<aff_t, acc_t> p{aff.data_ptr<aff_t>(),
                              src,
+                             col_max.data_ptr<acc_t>(),
                              inv_s.data_ptr<double>(),
                              splits > 1 ? partial.data_ptr<acc_t>() : dst,
                              B,

@@ -277,3 +277,35 @@ def test_auto_picks_an_available_backend():
     with wsss_fast.use_backend("auto"):
         out = wsss_fast.random_walk(aff, cam, beta=8.0, steps=2)
     assert_close(out, ref.random_walk(aff, cam, beta=8.0, steps=2), name="out")
+
+
+def transition_float64(aff, beta):
+    """``T = aff^beta / colsum`` written out in float64, where ``aff^beta`` neither overflows nor
+    underflows for the scales below (1e5^8 = 1e40, 1e-7^8 = 1e-56)."""
+    t = aff.double() ** beta
+    return t / t.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("backend,device", backend_devices("reference", "torch", "triton", "cuda"))
+@pytest.mark.parametrize(
+    "lo,hi",
+    [pytest.param(1e-7, 1e-6, id="1e-7..1e-6"), pytest.param(0.9e5, 1.1e5, id="near-1e5")],
+)
+def test_extreme_affinity_scales_stay_finite(backend, device, lo, hi):
+    # aff ** 8 is 0 in float32 below ~1e-5.5 (0 / 0 = NaN) and inf above ~6e4: every backend
+    # divides each column by its maximum first, which leaves T unchanged.
+    g = torch.Generator().manual_seed(21)
+    aff = lo + (hi - lo) * torch.rand(2, 37, 37, generator=g)
+    cam = torch.rand(2, 5, 37, generator=g)
+    weight = torch.randn(2, 5, 37, generator=g)
+    cam_leaf = cam.to(device).requires_grad_()
+    with wsss_fast.use_backend(backend):
+        out = wsss_fast.random_walk(aff.to(device), cam_leaf, beta=8.0, steps=4)
+    (grad,) = torch.autograd.grad((out * weight.to(device)).sum(), cam_leaf)
+    t = transition_float64(aff, 8.0)
+    expected, expected_grad = cam.double(), weight.double()
+    for _ in range(4):
+        expected = expected @ t
+        expected_grad = expected_grad @ t.transpose(1, 2)  # d/dcam sum(w * cam T^4) = w (T^T)^4
+    assert_close(out, expected.float(), name=f"{backend} out")
+    assert_close(grad, expected_grad.float(), name=f"{backend} grad cam")

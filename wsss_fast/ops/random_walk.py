@@ -3,6 +3,16 @@
 PSA and IRN (AReAM's and CRT's post-processing) square a dense ``T`` ``logt`` times; here ``T`` is
 applied ``steps`` times to the C-channel CAM instead, with the power and the column normalisation
 fused into the kernels' loads, so no ``M x M`` buffer beyond the input exists on the GPU.
+
+Every backend evaluates ``T`` in one overflow- and underflow-safe form: with the column maxima
+``m_j = max_i aff_ij`` and ``r_ij = aff_ij / m_j``, ``T_ij = r_ij^beta / sum_i r_ij^beta``. That is
+the same matrix as ``aff_ij^beta / sum_i aff_ij^beta``, but ``r`` lies in [0, 1] with a 1 in every
+column, so each column sum lies in [1, M]: ``aff ** 8`` alone is inf in float32 for ``aff`` near
+1e5 and 0 (then 0 / 0 = NaN) for ``aff`` below 1e-6, both of which the checks accept. Entries
+whose ``r_ij^beta`` underflows weigh less than ``1e-38`` of their column's largest, so dropping
+them changes no float32 result. The fused kernels recompute ``r^beta`` from
+``aff`` at every step (a division and a log2/exp2 pair per element, no extra bytes read) rather
+than keeping a ``[B, M, M]`` T.
 """
 
 from __future__ import annotations
@@ -22,7 +32,9 @@ def random_walk(aff: torch.Tensor, cam: torch.Tensor, *, beta: float, steps: int
     With ``T[b, i, j] = aff[b, i, j] ** beta / sum_i aff[b, i, j] ** beta`` (each column of ``T``
     sums to 1), returns ``cam @ T ** steps`` computed as ``steps`` applications of ``x <- x @ T``
     (never by forming or squaring ``T``). PSA's ``logt = 6`` squarings are ``steps = 64``; IRN's
-    ``exp_times = 8`` are ``steps = 256``.
+    ``exp_times = 8`` are ``steps = 256``. ``T`` is computed from ``aff`` divided by its column
+    maxima (the same matrix), so any finite scale of ``aff`` works: ``1e-7`` or ``1e5`` with
+    ``beta = 8`` give finite results where ``aff ** 8`` would under- or overflow.
 
     Args:
         aff: ``[B, M, M]`` non-negative, finite affinities; float32, float16 or bfloat16 (float64
@@ -82,8 +94,17 @@ def random_walk(aff: torch.Tensor, cam: torch.Tensor, *, beta: float, steps: int
 # torch backend: T materialised once per call (one M x M buffer), nothing M x M saved for backward.
 
 
+def _scaled_power(aff: torch.Tensor, beta: float, dtype: torch.dtype):
+    """``(a, m, u)``: ``a = aff`` in ``dtype``, its column maxima ``m`` ``[B, 1, M]`` and
+    ``u = (a / m) ** beta``, whose columns each hold a 1, so their sums neither over- nor underflow.
+    """
+    a = aff.to(dtype)
+    m = a.amax(dim=1, keepdim=True)
+    return a, m, (a / m).pow_(beta)
+
+
 def _transition(aff: torch.Tensor, beta: float, dtype: torch.dtype) -> torch.Tensor:
-    t = aff.to(dtype).pow(beta)
+    _, _, t = _scaled_power(aff, beta, dtype)
     return t.div_(t.sum(dim=1, keepdim=True))
 
 
@@ -116,12 +137,12 @@ def _torch_backward(aff, grad_out, beta, steps):
 def _torch_grad_aff(aff, cam, grad_out, beta, steps) -> torch.Tensor:
     """dL/daff from dL/dT = sum_t X_t^T G_{t+1}, X_t = cam T^t, G_t = grad_out (T^T)^(steps-t).
 
-    Through ``T = u / colsum(u)`` with ``u = aff**beta``:
-    ``dL/du_ij = (dT_ij - sum_k dT_kj T_kj) / colsum_j`` and ``du/daff = beta * aff**(beta-1)``.
+    Through ``T = u / colsum(u)`` with ``u = (aff / m)**beta`` and the column maxima ``m`` held
+    constant (T does not depend on them): ``dL/du_ij = (dT_ij - sum_k dT_kj T_kj) / colsum_j`` and
+    ``du_ij/daff_ij = beta * (aff_ij / m_j)**(beta-1) / m_j``.
     """
     acc = _acc_dtype(aff, cam, grad_out)
-    a = aff.to(acc)
-    u = a.pow(beta)
+    a, m, u = _scaled_power(aff, beta, acc)
     colsum = u.sum(dim=1, keepdim=True)
     t = u / colsum
     xs = [cam.to(acc)]
@@ -133,7 +154,7 @@ def _torch_grad_aff(aff, cam, grad_out, beta, steps) -> torch.Tensor:
         d_t.baddbmm_(x.transpose(1, 2), g)
         g = torch.bmm(g, t.transpose(1, 2))
     d_u = (d_t - (d_t * t).sum(dim=1, keepdim=True)) / colsum
-    return (d_u * beta * a.pow(beta - 1)).to(aff.dtype)
+    return (d_u * beta * (a / m).pow(beta - 1) / m).to(aff.dtype)
 
 
 class RandomWalkFunction(torch.autograd.Function):

@@ -168,11 +168,18 @@ def random_walk(aff: torch.Tensor, cam: torch.Tensor, *, beta: float, steps: int
     result is ``cam @ T^steps``, computed as ``steps`` applications of ``x <- x @ T``; ``T^steps``
     is never formed. Each output entry is a convex combination of the entries of ``cam``.
 
+    ``T`` is evaluated as ``r_ij^beta / sum_i r_ij^beta`` with ``r_ij = aff_ij / max_i aff_ij``,
+    the same matrix: ``aff^beta`` itself overflows float32 for ``aff`` near 1e5 with ``beta = 8``
+    and underflows to 0 (0 / 0 = NaN) for ``aff`` below 1e-6, while ``r`` lies in [0, 1] with a 1
+    in every column, so every column sum lies in [1, M].
+
     Returns:
         ``[B, C, M]`` in ``cam.dtype``, differentiable with respect to aff and cam.
     """
     dtype = _compute_dtype(aff, cam)
-    t = aff.to(dtype) ** beta
+    a = aff.to(dtype)
+    # T does not depend on the column scale, so the maximum is a constant for autograd.
+    t = (a / a.detach().amax(dim=1, keepdim=True)) ** beta
     t = t / t.sum(dim=1, keepdim=True)
     x = cam.to(dtype)
     for _ in range(steps):
