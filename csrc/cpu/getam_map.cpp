@@ -3,7 +3,8 @@
 //   map[b, n] = sum_l A[l, b, n] * G[l, b, n],  A = mean_h relu(g * a),  G = mean_h relu(g)
 // Only the row's logits are formed (L * B * H * N numbers); no N x N buffer exists.
 //
-// Backward, for grad [B, N] (per l, b, h, n; [x] is 1 where x > 0, torch's relu' convention):
+// Backward, for grad [B, N] (per l, b, h, n; [x] is 0 where x <= 0, else 1, NaN included, as in
+// torch's relu backward):
 //   dA = grad * G,  dG = grad * A
 //   dg = (dA / H) [g a] a + (dG / H) [g],   da = (dA / H) [g a] g
 //   dlogit = a (da - sum_n a da)                                     (softmax backward)
@@ -33,9 +34,16 @@ using wsss_fast::getam_map::Dims;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// NaN passes through, as in torch.relu (`x > 0 ? x : 0` would turn it into 0).
 template <typename acc_t>
 inline acc_t relu(acc_t x) {
-  return x > acc_t(0) ? x : acc_t(0);
+  return x < acc_t(0) ? acc_t(0) : x;
+}
+
+// relu's derivative as torch's backward takes it: 0 where x <= 0, 1 elsewhere, NaN included.
+template <typename acc_t>
+inline bool relu_passes(acc_t x) {
+  return !(x <= acc_t(0));
 }
 
 // x . y over D elements, with four partial sums so the loop is not one serial add chain.
@@ -151,9 +159,9 @@ void backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, 
         for (int64_t h = 0; h < H; ++h) {
           const int64_t idx = (lb * H + h) * N + n;
           const acc_t ah = a[idx], gh = g[idx];
-          const bool on = gh * ah > acc_t(0);
+          const bool on = relu_passes(gh * ah);
           const acc_t da = on ? d_ga * gh : acc_t(0);
-          g[idx] = (on ? d_ga * ah : acc_t(0)) + (gh > acc_t(0) ? d_g : acc_t(0));
+          g[idx] = (on ? d_ga * ah : acc_t(0)) + (relu_passes(gh) ? d_g : acc_t(0));
           u[idx] = ah * da;
         }
       }

@@ -54,9 +54,16 @@ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
+// NaN passes through, as in torch.relu (`x > 0 ? x : 0` would turn it into 0).
 template <typename acc_t>
 __device__ __forceinline__ acc_t relu(acc_t x) {
-  return x > acc_t(0) ? x : acc_t(0);
+  return x < acc_t(0) ? acc_t(0) : x;
+}
+
+// relu's derivative as torch's backward takes it: 0 where x <= 0, 1 elsewhere, NaN included.
+template <typename acc_t>
+__device__ __forceinline__ bool relu_passes(acc_t x) {
+  return !(x <= acc_t(0));
 }
 
 // Merges the softmax partial (m2, z2) into (m, z), where z = sum exp(x - m) over a set of x;
@@ -257,9 +264,9 @@ __global__ void __launch_bounds__(kThreads)
     acc_t uu = 0;
     if (valid) {
       const acc_t a = logits[i * p.N + n], g = gdot[i * p.N + n];
-      const bool on = g * a > acc_t(0);
+      const bool on = relu_passes(g * a);
       const acc_t da = on ? d_ga * g : acc_t(0);
-      gdot[i * p.N + n] = (on ? d_ga * a : acc_t(0)) + (g > acc_t(0) ? d_g : acc_t(0));
+      gdot[i * p.N + n] = (on ? d_ga * a : acc_t(0)) + (relu_passes(g) ? d_g : acc_t(0));
       uu = a * da;
       u[i * p.N + n] = uu;
     }

@@ -251,3 +251,37 @@ def test_invalid_inputs_raise_clear_errors(mutate, error, match):
 def test_row_out_of_range(row):
     with pytest.raises(ValueError, match=r"row must be in \[0, 9\)"):
         wsss_fast.getam_map(*make_inputs(1, 2, 3, 9, 16), row=row)
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param(("v", (0, 0, 1, 3, 2)), id="v-one-token"),
+        pytest.param(("grad_out", (1, 1, 0, 0, 5)), id="grad_out-row"),
+        pytest.param(("k", (2, 0, 2, 7, 0)), id="k-one-key"),
+    ],
+)
+def test_nan_inputs_give_nan_where_the_reference_does(backend, device, where):
+    # relu(NaN) is NaN in torch, so NaN reaches the map and its gradients; a kernel whose relu
+    # is `x > 0 ? x : 0` returned finite numbers instead.
+    inputs = make_inputs(3, 2, 3, 11, 16, seed=6)
+    name, index = where
+    inputs[NAMES.index(name)][index] = float("nan")
+    inputs = [t.to(device).requires_grad_() for t in inputs]
+    weight = torch.randn(2, 11, generator=torch.Generator().manual_seed(3)).to(device)
+    out = call(backend, *inputs)
+    expected = ref.getam_map(*(t.detach().double() for t in inputs))
+    assert expected.isnan().any() and not expected.isnan().all()  # the case is not degenerate
+    assert torch.equal(out.isnan().cpu(), expected.isnan().cpu()), f"{backend} map NaN pattern"
+    finite = ~expected.isnan()
+    assert_close(out[finite], expected[finite].float(), name=f"{backend} finite map")
+    if backend != "torch":
+        # The gradients' NaN follow torch's relu backward (NaN passes), as autograd of the torch
+        # backend computes them; the reference's differ outside `row`, where it differentiates
+        # the NaN softmax of every row it materialised.
+        grads = torch.autograd.grad((out * weight).sum(), inputs)
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        torch_grads = torch.autograd.grad((call("torch", *leaves) * weight).sum(), leaves)
+        for n, got, want in zip(NAMES, grads, torch_grads):
+            assert torch.equal(got.isnan(), want.isnan()), f"{backend} d{n} NaN pattern"
