@@ -9,6 +9,12 @@
 namespace wsss_fast {
 namespace par {
 
+// The most dilations a call takes (the published 6 and then some). The CUDA kernels receive their
+// tap tables by value, as kernel arguments of at most 4 KB, which bounds the table; the CPU
+// kernels share the limit so that both backends accept the same calls. wsss_fast/ops/par.py's
+// MAX_DILATIONS must match.
+constexpr int kMaxDilations = 16;
+
 // image: contiguous [B, 3, H, W]; masks: contiguous [B, C, H, W] on image's device; both floating.
 inline void check_inputs(const char* op, const at::Tensor& image, const at::Tensor& masks,
                          at::IntArrayRef dilations, int64_t iters) {
@@ -23,6 +29,9 @@ inline void check_inputs(const char* op, const at::Tensor& image, const at::Tens
   CHECK_FLOATING(image);
   CHECK_FLOATING(masks);
   TORCH_CHECK(!dilations.empty(), op, ": dilations must not be empty");
+  TORCH_CHECK(static_cast<int64_t>(dilations.size()) <= kMaxDilations, op, ": at most ",
+              kMaxDilations, " dilations are supported, got ", dilations.size(),
+              "; pass fewer (a dilation >= max(H, W) acts like max(H, W))");
   for (const int64_t d : dilations) {
     TORCH_CHECK(d >= 1, op, ": every dilation must be >= 1, got ", d);
   }

@@ -86,6 +86,9 @@ inline int64_t clamp_coord(int64_t v, int64_t n) {
 //         sigma_c the unbiased std of I_c over the K ring taps;
 //   PAMR: aff_k = softmax_k(mean_c -|I_c - I_c[tap_k]| / (1e-8 + 0.1 sigma_c)),
 //         sigma_c the unbiased std of I_c over the 3x3 windows with centre at every dilation.
+// sigma is taken over I_c[tap] - I_c, the same std: differences of nearby values are exact, while a
+// running sum of raw values far from 0 (an image + 1e6) rounds their spread away. The torch
+// backend and cuda/par.cu do the same.
 template <typename acc_t, bool kPar>
 void affinity_rows(const acc_t* image, acc_t* aff, const std::vector<Tap>& ring,
                    const std::vector<Tap>& sigma_taps, const std::vector<acc_t>& pos, int64_t H,
@@ -103,13 +106,13 @@ void affinity_rows(const acc_t* image, acc_t* aff, const std::vector<Tap>& ring,
       for (int ch = 0; ch < 3; ++ch) centre[ch] = img[ch * HW + y * W + x];
       for (const Tap& t : sigma_taps) {
         const int64_t q = clamp_coord(y + t.dy, H) * W + clamp_coord(x + t.dx, W);
-        for (int ch = 0; ch < 3; ++ch) mean[ch] += img[ch * HW + q];
+        for (int ch = 0; ch < 3; ++ch) mean[ch] += img[ch * HW + q] - centre[ch];
       }
       for (int ch = 0; ch < 3; ++ch) mean[ch] /= static_cast<acc_t>(S);
       for (const Tap& t : sigma_taps) {
         const int64_t q = clamp_coord(y + t.dy, H) * W + clamp_coord(x + t.dx, W);
         for (int ch = 0; ch < 3; ++ch) {
-          const acc_t dev = img[ch * HW + q] - mean[ch];
+          const acc_t dev = (img[ch * HW + q] - centre[ch]) - mean[ch];
           ss[ch] += dev * dev;
         }
       }

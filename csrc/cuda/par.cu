@@ -3,7 +3,8 @@
 // each of the `iters` updates m_i <- sum_k aff[k, i] m[tap_k(i)] is one launch of a gather kernel
 // (a thread per pixel and chunk of channels) between two ping-pong buffers, so the
 // [B, C, K, H, W] tensor the published code unfolds at every iteration never exists. Coordinates
-// are clamped (replicate padding).
+// are clamped (replicate padding). The tap tables travel by value as kernel arguments, so a call
+// makes no host-to-device copy: it never waits for the device and can be captured in a CUDA graph.
 //
 // The stream comes from c10/cuda rather than ATen/cuda/CUDAContext.h: the latter pulls in the
 // cuBLAS and cuSPARSE headers, which a CUDA toolkit without those libraries lacks.
@@ -37,6 +38,9 @@ __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) {
 
 __device__ __forceinline__ int clamp_coord(int v, int n) { return min(max(v, 0), n - 1); }
 
+constexpr int kMaxRing = 8 * wsss_fast::par::kMaxDilations;    // ring taps: 8 per dilation
+constexpr int kMaxWindow = 9 * wsss_fast::par::kMaxDilations;  // with the centre: 9 per dilation
+
 // Flat index in an H x W plane of tap t = (dy, dx) of pixel (y, x), coordinates clamped.
 __device__ __forceinline__ int64_t tap_index(int2 t, int y, int x, int H, int W) {
   return static_cast<int64_t>(clamp_coord(y + t.x, H)) * W + clamp_coord(x + t.y, W);
@@ -51,24 +55,33 @@ __device__ __forceinline__ double abs_acc(double v) { return fabs(v); }
 __device__ __forceinline__ float sqrt_acc(float v) { return sqrtf(v); }
 __device__ __forceinline__ double sqrt_acc(double v) { return sqrt(v); }
 
+// The ring taps (x: dy, y: dx), 8 per dilation, row-major; the first K entries are used.
+struct RingTaps {
+  int2 tap[kMaxRing];
+};
+
+// Passed by value (3.2 KB for double, within the 4 KB kernel-argument limit of older toolkits).
 template <typename acc_t>
 struct AffinityArgs {
-  const acc_t* image;    // [B, 3, H, W]
-  const int2* ring;      // [K] (x: dy, y: dx): the 8 ring taps per dilation, row-major
-  const int2* sig_taps;  // [S] taps over which sigma is taken (PAR: the ring; PAMR: + centres)
-  const acc_t* pos;      // [K] PAR's w_pos-weighted position softmax; unused by PAMR
-  acc_t* aff;            // [B, K, H, W]
+  const acc_t* image;  // [B, 3, H, W]
+  acc_t* aff;          // [B, K, H, W]
   int64_t B;
   int H, W, K, S;
+  RingTaps ring;
+  int2 sig_taps[kMaxWindow];  // [S] taps over which sigma is taken (PAR: the ring; PAMR: + centres)
+  acc_t pos[kMaxRing];        // [K] PAR's w_pos-weighted position softmax; unused by PAMR
 };
+static_assert(sizeof(AffinityArgs<double>) <= 4096, "kernel arguments must fit in 4 KB");
 
 // aff[b, :, y, x] for one pixel per thread:
 //   PAR:  aff_k = softmax_k(mean_c -(|I_c - I_c[tap_k]| / (sigma_c + 1e-8) / 0.3)^2) + pos_k,
 //         sigma_c the unbiased std of I_c over the K ring taps;
 //   PAMR: aff_k = softmax_k(mean_c -|I_c - I_c[tap_k]| / (1e-8 + 0.1 sigma_c)),
 //         sigma_c the unbiased std of I_c over the 3x3 windows with centre at every dilation.
-// Two passes give sigma (mean, then squared deviations); the logits are staged in aff itself, whose
-// reads and writes are coalesced across the threads of a row.
+// Two passes give sigma (mean, then squared deviations) of I_c[tap] - I_c: the same std, but
+// differences of nearby values are exact while a running sum of raw values far from 0 (an image
+// + 1e6) rounds their spread away; torch's backend does the same. The logits are staged in aff
+// itself, whose reads and writes are coalesced across the threads of a row.
 template <typename acc_t, bool kPar>
 __global__ void __launch_bounds__(kThreads) _par_affinity_kernel(const AffinityArgs<acc_t> p) {
   const int64_t HW = static_cast<int64_t>(p.H) * p.W;
@@ -84,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) _par_affinity_kernel(const AffinityA
   for (int s = 0; s < p.S; ++s) {
     const int64_t q = tap_index(p.sig_taps[s], y, x, p.H, p.W);
 #pragma unroll
-    for (int ch = 0; ch < 3; ++ch) mean[ch] += img[ch * HW + q];
+    for (int ch = 0; ch < 3; ++ch) mean[ch] += img[ch * HW + q] - centre[ch];
   }
 #pragma unroll
   for (int ch = 0; ch < 3; ++ch) mean[ch] /= static_cast<acc_t>(p.S);
@@ -92,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) _par_affinity_kernel(const AffinityA
     const int64_t q = tap_index(p.sig_taps[s], y, x, p.H, p.W);
 #pragma unroll
     for (int ch = 0; ch < 3; ++ch) {
-      const acc_t dev = img[ch * HW + q] - mean[ch];
+      const acc_t dev = (img[ch * HW + q] - centre[ch]) - mean[ch];
       ss[ch] += dev * dev;
     }
   }
@@ -105,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) _par_affinity_kernel(const AffinityA
   acc_t* out = p.aff + b * p.K * HW + pix;
   acc_t mx = -std::numeric_limits<acc_t>::infinity();
   for (int k = 0; k < p.K; ++k) {
-    const int64_t q = tap_index(p.ring[k], y, x, p.H, p.W);
+    const int64_t q = tap_index(p.ring.tap[k], y, x, p.H, p.W);
     acc_t l = 0;
 #pragma unroll
     for (int ch = 0; ch < 3; ++ch) {
@@ -138,8 +151,7 @@ __global__ void __launch_bounds__(kThreads) _par_affinity_kernel(const AffinityA
 template <typename acc_t, int R>
 __global__ void __launch_bounds__(kThreads)
     _par_step_kernel(const acc_t* __restrict__ aff, const acc_t* __restrict__ src,
-                     acc_t* __restrict__ dst, const int2* __restrict__ ring, int K, int64_t C,
-                     int H, int W) {
+                     acc_t* __restrict__ dst, const RingTaps ring, int K, int64_t C, int H, int W) {
   const int64_t HW = static_cast<int64_t>(H) * W;
   const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (pix >= HW) return;
@@ -155,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = acc_t(0);
   for (int k = 0; k < K; ++k) {
-    const int64_t q = tap_index(ring[k], y, x, H, W);
+    const int64_t q = tap_index(ring.tap[k], y, x, H, W);
     const acc_t w = a[k * HW];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -171,7 +183,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename acc_t, int R>
 void launch_step_r(int64_t C, int64_t B, int64_t HW, cudaStream_t stream, const acc_t* aff,
-                   const acc_t* src, acc_t* dst, const int2* ring, int K, int H, int W) {
+                   const acc_t* src, acc_t* dst, const RingTaps& ring, int K, int H, int W) {
   const dim3 grid(static_cast<unsigned>(ceil_div(HW, kThreads)),
                   static_cast<unsigned>(ceil_div(C, R)), static_cast<unsigned>(B));
   _par_step_kernel<acc_t, R><<<grid, kThreads, 0, stream>>>(aff, src, dst, ring, K, C, H, W);
@@ -181,7 +193,7 @@ void launch_step_r(int64_t C, int64_t B, int64_t HW, cudaStream_t stream, const 
 // The smallest compiled channel count per thread that covers min(C, kMaxChannels) channels.
 template <typename acc_t>
 void launch_step(int64_t C, int64_t B, int64_t HW, cudaStream_t stream, const acc_t* aff,
-                 const acc_t* src, acc_t* dst, const int2* ring, int K, int H, int W) {
+                 const acc_t* src, acc_t* dst, const RingTaps& ring, int K, int H, int W) {
   static_assert(kChannelsPerThread[5] == kMaxChannels, "kMaxChannels must match the largest R");
   const int64_t per_thread = std::min<int64_t>(C, kMaxChannels);
   if (per_thread <= kChannelsPerThread[0]) {
@@ -199,31 +211,23 @@ void launch_step(int64_t C, int64_t B, int64_t HW, cudaStream_t stream, const ac
   }
 }
 
-// The taps of a 3x3 window dilated by each d, row-major as the published shift kernels order them,
-// flattened as (dy, dx) pairs: the 8 ring taps per dilation, or all 9 with the centre (PAMR's
-// standard deviation). A dilation of at least `extent` = max(H, W) clamps every tap to the border
-// it points at, exactly as `extent` does, so taps are capped there and fit in int.
-std::vector<int> window_taps(const std::vector<int64_t>& dilations, bool with_centre,
-                             int64_t extent) {
-  std::vector<int> taps;
+// Writes the taps of a 3x3 window dilated by each d to `out` (x: dy, y: dx), row-major as the
+// published shift kernels order them: the 8 ring taps per dilation, or all 9 with the centre
+// (PAMR's standard deviation); returns their number. A dilation of at least `extent` = max(H, W)
+// clamps every tap to the border it points at, exactly as `extent` does, so taps are capped there
+// and fit in int. `out` holds 9 * kMaxDilations, which check_inputs guarantees is enough.
+int window_taps(const std::vector<int64_t>& dilations, bool with_centre, int64_t extent,
+                int2* out) {
+  int n = 0;
   for (const int64_t dilation : dilations) {
     const int d = static_cast<int>(std::min(dilation, extent));
     for (const int dy : {-d, 0, d}) {
       for (const int dx : {-d, 0, d}) {
-        if (with_centre || dy != 0 || dx != 0) {
-          taps.push_back(dy);
-          taps.push_back(dx);
-        }
+        if (with_centre || dy != 0 || dx != 0) out[n++] = make_int2(dy, dx);
       }
     }
   }
-  return taps;
-}
-
-// A small host vector as a tensor on `device`.
-template <typename T>
-at::Tensor to_device(const std::vector<T>& v, at::ScalarType dtype, const at::Device& device) {
-  return at::tensor(at::ArrayRef<T>(v), at::TensorOptions().dtype(dtype)).to(device);
+  return n;
 }
 
 template <typename acc_t>
@@ -231,33 +235,22 @@ void run(const at::Tensor& image, const at::Tensor& x0, at::Tensor (&buf)[2], bo
          const std::vector<int64_t>& dilations, int64_t iters, double w_pos) {
   const int64_t B = x0.size(0), C = x0.size(1), H = x0.size(2), W = x0.size(3), HW = H * W;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Device device = x0.device();
-  const at::ScalarType acc = x0.scalar_type();
-
   const int64_t extent = std::max(H, W);
-  const std::vector<int> ring_h = window_taps(dilations, /*with_centre=*/false, extent);
-  const int K = static_cast<int>(ring_h.size() / 2);
-  const at::Tensor ring = to_device(ring_h, at::kInt, device);
-  const at::Tensor sig_taps =
-      par ? ring
-          : to_device(window_taps(dilations, /*with_centre=*/true, extent), at::kInt, device);
-  const at::Tensor pos =
-      par ? to_device(wsss_fast::par::par_position_weights(dilations, w_pos), at::kDouble, device)
-                .to(acc)
-          : at::Tensor();
-  at::Tensor aff = at::empty({B, K, H, W}, x0.options());
-  const int2* ring_ptr = reinterpret_cast<const int2*>(ring.data_ptr<int>());
 
-  const AffinityArgs<acc_t> args{image.data_ptr<acc_t>(),
-                                 ring_ptr,
-                                 reinterpret_cast<const int2*>(sig_taps.data_ptr<int>()),
-                                 par ? pos.data_ptr<acc_t>() : nullptr,
-                                 aff.data_ptr<acc_t>(),
-                                 B,
-                                 static_cast<int>(H),
-                                 static_cast<int>(W),
-                                 K,
-                                 static_cast<int>(sig_taps.size(0) / 2)};
+  at::Tensor aff = at::empty({B, static_cast<int64_t>(8 * dilations.size()), H, W}, x0.options());
+  AffinityArgs<acc_t> args{};
+  args.image = image.data_ptr<acc_t>();
+  args.aff = aff.data_ptr<acc_t>();
+  args.B = B;
+  args.H = static_cast<int>(H);
+  args.W = static_cast<int>(W);
+  args.K = window_taps(dilations, /*with_centre=*/false, extent, args.ring.tap);
+  args.S = par ? window_taps(dilations, /*with_centre=*/false, extent, args.sig_taps)
+               : window_taps(dilations, /*with_centre=*/true, extent, args.sig_taps);
+  if (par) {
+    const std::vector<double> pos = wsss_fast::par::par_position_weights(dilations, w_pos);
+    for (int k = 0; k < args.K; ++k) args.pos[k] = static_cast<acc_t>(pos[k]);
+  }
   const int64_t aff_blocks = ceil_div(B * HW, kThreads);
   if (par) {
     _par_affinity_kernel<acc_t, true>
@@ -271,7 +264,7 @@ void run(const at::Tensor& image, const at::Tensor& x0, at::Tensor (&buf)[2], bo
   const acc_t* src = x0.data_ptr<acc_t>();
   for (int64_t it = 0; it < iters; ++it) {
     acc_t* dst = buf[it % 2].data_ptr<acc_t>();
-    launch_step<acc_t>(C, B, HW, stream, aff.data_ptr<acc_t>(), src, dst, ring_ptr, K,
+    launch_step<acc_t>(C, B, HW, stream, aff.data_ptr<acc_t>(), src, dst, args.ring, args.K,
                        static_cast<int>(H), static_cast<int>(W));
     src = dst;
   }

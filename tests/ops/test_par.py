@@ -314,3 +314,51 @@ def test_gpu_peak_memory(op, backend):
     # cuda: two ping-pong states; torch: old and new state plus one padded copy (d = 24).
     states = 2 if backend == "cuda" else 2 + (H + 48) * (W + 48) / (H * W)
     assert peak <= aff + states * state + 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+@pytest.mark.parametrize("op", OPS)
+def test_image_far_from_zero(op, backend, device):
+    # float32 image + 1e6 (steps of 1/16): the colour std over a pixel's taps is taken from tap -
+    # centre, exact for nearby values, where a running sum of the raw values rounds to +-2 and
+    # left the torch and cuda backends 0.1-0.2 off the reference.
+    image, masks = make_inputs(2, 3, (17, 23), (17, 23), seed=15, scale=40.0, device=device)
+    image = image + 1e6
+    out = run(op, backend, image, masks, dilations=(1, 2, 4), iters=5)
+    check(out, masks, expected(op, image, masks, dilations=(1, 2, 4), iters=5), f"{op} {backend}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_too_many_dilations_are_refused_by_name(op):
+    image, masks = make_inputs(1, 2, (5, 6), (5, 6), seed=0)
+    dilations = tuple(range(1, 18))
+    with pytest.raises(ValueError, match="at most 16 dilations are supported, got 17"):
+        getattr(wsss_fast, op)(image, masks, dilations=dilations, iters=1)
+    with wsss_fast.use_backend("reference"):  # on every backend, so that all take the same calls
+        with pytest.raises(ValueError, match="at most 16 dilations"):
+            getattr(wsss_fast, op)(image, masks, dilations=dilations, iters=1)
+    assert _ext.loaded(), _ext.load_error()
+    args = (image, masks, list(dilations), 1) + ((0.01,) if op == "par" else ())
+    with pytest.raises(RuntimeError, match="at most 16 dilations are supported, got 17"):
+        getattr(torch.ops.wsss_fast, f"{op}_forward")(*args)
+    assert (
+        getattr(torch.ops.wsss_fast, f"{op}_forward")(
+            *args[:2], list(dilations[:16]), 1, *args[4:]
+        ).shape
+        == masks.shape
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_cuda_graph_capture(op):
+    # The tap tables are kernel arguments: no host-to-device copy, so a call can be captured.
+    image, masks = make_inputs(1, 3, (33, 40), (33, 40), seed=16, device="cuda")
+    with wsss_fast.use_backend("cuda"):
+        run(op, "cuda", image, masks, iters=3)  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = getattr(wsss_fast, op)(image, masks, iters=3)
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, masks, expected(op, image, masks, iters=3), f"{op} captured")

@@ -13,6 +13,7 @@ from wsss_fast import _backend, _ext
 from wsss_fast.ops import _checks, reference
 from wsss_fast.ops.par import (
     acc_dtype,
+    check_dilation_count,
     masks_for_kernel,
     refine,
     refuse_grad,
@@ -46,8 +47,9 @@ def pamr(
             raw 0-255 crop).
         masks: ``[B, C, h, w]``, same dtypes; resized to ``(H, W)`` bilinearly
             (``align_corners=True``) when ``(h, w) != (H, W)``.
-        dilations: ring dilations, ints >= 1; ``K = 8 * len(dilations)`` neighbours, coordinates
-            clamped to the image (replicate padding), any image size.
+        dilations: ring dilations, ints >= 1, at most ``wsss_fast.ops.par.MAX_DILATIONS`` = 16 of
+            them; ``K = 8 * len(dilations)`` neighbours, coordinates clamped to the image
+            (replicate padding), any image size.
         iters: number of updates ``m_i <- sum_j aff_ij m_j``, >= 0.
 
     Returns:
@@ -61,6 +63,7 @@ def pamr(
         refined = wsss_fast.pamr(image_0_255, cam_probs, iters=10)
     """
     image, masks, dilations, iters = _checks.image_and_masks(OP, image, masks, dilations, iters)
+    check_dilation_count(OP, dilations)
     backend, impl = _backend.select(OP, _IMPLS, image.device, kernel="pamr_forward")
     if backend != "reference":
         refuse_grad(OP, backend, image, masks)

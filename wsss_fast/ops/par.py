@@ -20,6 +20,11 @@ from wsss_fast.ops import _checks, reference
 
 OP = "par"
 
+MAX_DILATIONS = 16
+"""The most dilations ``par`` and ``pamr`` take, on every backend: the CUDA kernels receive their
+tap tables by value as kernel arguments (no host-to-device copy per call), which bounds them
+(``kMaxDilations`` in ``csrc/par.h``)."""
+
 
 def par(
     image: torch.Tensor,
@@ -45,8 +50,9 @@ def par(
             de-normalised [0, 1] image at half resolution).
         masks: ``[B, C, h, w]``, same dtypes; resized to ``(H, W)`` bilinearly
             (``align_corners=True``) when ``(h, w) != (H, W)``.
-        dilations: ring dilations, ints >= 1; ``K = 8 * len(dilations)`` neighbours, coordinates
-            clamped to the image (replicate padding), any image size.
+        dilations: ring dilations, ints >= 1, at most ``MAX_DILATIONS`` = 16 of them;
+            ``K = 8 * len(dilations)`` neighbours, coordinates clamped to the image (replicate
+            padding), any image size.
         iters: number of updates ``m_i <- sum_j aff_ij m_j``, >= 0.
         w_pos: weight of the position term.
 
@@ -61,6 +67,7 @@ def par(
         refined = wsss_fast.par(image, cam_probs, iters=10)
     """
     image, masks, dilations, iters = _checks.image_and_masks(OP, image, masks, dilations, iters)
+    check_dilation_count(OP, dilations)
     if isinstance(w_pos, bool) or not isinstance(w_pos, (int, float)) or not math.isfinite(w_pos):
         raise ValueError(f"wsss_fast.par: w_pos must be a finite number, got {w_pos!r}")
     backend, impl = _backend.select(OP, _IMPLS, image.device, kernel="par_forward")
@@ -71,6 +78,14 @@ def par(
 
 # ---------------------------------------------------------------------------------------------
 # Shared with pamr.
+
+
+def check_dilation_count(op: str, dilations: tuple[int, ...]) -> None:
+    if len(dilations) > MAX_DILATIONS:
+        raise ValueError(
+            f"wsss_fast.{op}: at most {MAX_DILATIONS} dilations are supported, got "
+            f"{len(dilations)}; pass fewer (a dilation >= max(H, W) acts like max(H, W))"
+        )
 
 
 def refuse_grad(op: str, backend: str, image: torch.Tensor, masks: torch.Tensor) -> None:
@@ -107,15 +122,20 @@ def taps(
 
 
 def tap_std(image: torch.Tensor, dilations: tuple[int, ...], *, with_centre: bool) -> torch.Tensor:
-    """Unbiased std of each channel over the taps, ``[B, 3, H, W]``, in two passes over them."""
+    """Unbiased std of each channel over the taps, ``[B, 3, H, W]``, in two passes over them.
+
+    The passes sum ``tap - centre``, not ``tap``: the std is the same, but summing raw values of an
+    image far from 0 (``image + 1e6``) loses their spread to float32 rounding of the running sum,
+    while differences of nearby values are exact. The compiled kernels do the same.
+    """
     n = (9 if with_centre else 8) * len(dilations)
     mean = torch.zeros_like(image)
     for tap in taps(image, dilations, with_centre=with_centre):
-        mean += tap
+        mean += tap - image
     mean /= n
     var = torch.zeros_like(image)
     for tap in taps(image, dilations, with_centre=with_centre):
-        var += (tap - mean).square_()
+        var += (tap - image - mean).square_()
     return var.div_(n - 1).sqrt_()
 
 
