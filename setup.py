@@ -2,7 +2,9 @@
 
 Environment switches (all optional):
   WSSS_FAST_NO_CUDA=1      build the CPU part only, even when nvcc is present
-  TORCH_CUDA_ARCH_LIST     GPU architectures; defaults to "9.0" (H100) when no GPU is visible
+  TORCH_CUDA_ARCH_LIST     GPU architectures; defaults to the visible GPUs', else to
+                           DEFAULT_ARCH_LIST (A100, A10/RTX 30xx, L4/L40/RTX 40xx, H100/H200,
+                           and PTX that newer GPUs compile at load time)
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
   CUDA_HOME                the CUDA toolkit; found from nvcc when unset
 
@@ -20,6 +22,9 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The architectures built when no GPU is visible (a CI runner, a build node): the GPUs users train
+# on, plus compute_90 PTX for newer ones. Each adds a device compile of every .cu file.
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
 
 
 def say(msg: str) -> None:
@@ -89,17 +94,33 @@ def decide_cuda() -> tuple[bool, str]:
     return True, f"torch CUDA {torch.version.cuda}, nvcc {nv} at {cuda_home}"
 
 
+def cuda_targets() -> list[str]:
+    """What nvcc is asked for, from torch's reading of TORCH_CUDA_ARCH_LIST: ``sm_XY`` (a cubin)
+    and ``compute_XY`` (PTX) entries, which wsss_fast._ext matches against the GPU at run time."""
+    try:
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+        flags = _get_cuda_arch_flags()
+    except Exception as exc:  # a private helper: say so rather than fail the build
+        say(f"could not read the CUDA targets back from torch ({exc}); recording none")
+        return []
+    return sorted({m for f in flags for m in re.findall(r"code=\[?((?:sm|compute)_\w+)", f)})
+
+
 with_cuda, reason = decide_cuda()
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-    if torch.cuda.is_available():
-        cap = torch.cuda.get_device_capability()
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{cap[0]}.{cap[1]}"
-    else:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    os.environ["TORCH_CUDA_ARCH_LIST"] = (
+        ";".join(f"{major}.{minor}" for major, minor in caps) if caps else DEFAULT_ARCH_LIST
+    )
 arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
+targets = cuda_targets() if with_cuda else []
 
 if with_cuda:
-    say(f"building the CPU and CUDA kernels ({reason}; TORCH_CUDA_ARCH_LIST={arch_list})")
+    say(
+        f"building the CPU and CUDA kernels ({reason}; TORCH_CUDA_ARCH_LIST={arch_list}: "
+        f"{' '.join(targets)})"
+    )
 else:
     bar = "!" * 78
     say(bar)
@@ -138,6 +159,7 @@ build_info = {
     "cuda_home": cuda_home if with_cuda else None,
     "nvcc": nvcc_version(cuda_home) if (with_cuda and cuda_home) else None,
     "arch_list": arch_list or None,
+    "cuda_targets": targets,
     "openmp": True,
 }
 with open(os.path.join(ROOT, "wsss_fast", "_build_info.py"), "w") as f:

@@ -7,6 +7,8 @@
 #                     nvcc 13 (change it together with your CUDA toolkit's major version)
 #   PYTHON            interpreter used to create .venv (default python3)
 #   MAX_JOBS          parallel compile jobs (default 2)
+#   TORCH_CUDA_ARCH_LIST  GPU targets; unset builds for the visible GPUs, or with none visible for
+#                     setup.py's DEFAULT_ARCH_LIST (8.0;8.6;8.9;9.0+PTX)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,8 @@ echo "[setup] installing $TORCH_SPEC and build tools"
 "$VPY" -m pip install -q $TORCH_SPEC "setuptools>=64" wheel ninja
 
 stamp_file=.venv/.wsss_fast_build_stamp
-stamp=$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat; "$VPY" -c "import torch; print(torch.__version__)") | sha256sum | cut -d' ' -f1)
+# The GPU targets are part of the stamp: a build narrowed for CI is not what a user's build wants.
+stamp=$( (cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat; "$VPY" -c "import torch; print(torch.__version__)"; echo "arch=${TORCH_CUDA_ARCH_LIST:-}") | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && "$VPY" -c "import wsss_fast._C" 2>/dev/null; then
   echo "[setup] wsss_fast is installed and its extension is up to date"
 else

@@ -124,3 +124,73 @@ def test_stale_extension_without_the_op_kernel():
         _backend.select("new_op", impls, cpu, kernel="no_such_op_forward")
     if _ext.loaded():
         assert _backend.select("random_walk", impls, cpu, kernel="random_walk_forward")[0] == "cuda"
+
+
+@pytest.mark.parametrize(
+    "target,capability,runs",
+    [
+        ("sm_80", (8, 0), True),
+        ("sm_80", (8, 6), True),  # a cubin runs on later minors of its major
+        ("sm_86", (8, 0), False),
+        ("sm_90", (8, 9), False),
+        ("sm_90", (10, 0), False),  # but not on another major
+        ("compute_90", (12, 0), True),  # PTX compiles for every later GPU
+        ("compute_90", (8, 9), False),
+        ("sm_90a", (9, 0), True),  # arch-specific code: that GPU only
+        ("compute_90a", (10, 0), False),
+        ("sm_100", (10, 3), True),
+        ("sm_100", (12, 0), False),
+    ],
+)
+def test_gpu_code_coverage_follows_cuda_rules(target, capability, runs):
+    assert _ext._covers(target, capability) is runs
+
+
+@pytest.mark.parametrize(
+    "arch_list,targets",
+    [
+        ("9.0", ["sm_90"]),
+        ("8.0;8.6;8.9;9.0+PTX", ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]),
+        ("7.5 9.0a", ["sm_75", "sm_90a"]),
+    ],
+)
+def test_targets_of_builds_that_recorded_only_the_arch_list(monkeypatch, arch_list, targets):
+    monkeypatch.setattr(_ext, "build_info", lambda: {"cuda_built": True, "arch_list": arch_list})
+    assert _ext.cuda_targets() == targets
+
+
+def fake_gpu(monkeypatch, capability, targets=("sm_80", "sm_86", "sm_89", "sm_90", "compute_90")):
+    """A visible GPU of compute ``capability`` and an extension built for ``targets``."""
+    info = {**_ext.build_info(), "cuda_built": True, "cuda_targets": list(targets)}
+    monkeypatch.setattr(_ext, "build_info", lambda: info)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+
+
+@pytest.mark.skipif(not _ext.loaded(), reason="needs the compiled extension")
+@pytest.mark.parametrize("capability", [(8, 0), (8, 7), (9, 0), (12, 0)])
+def test_auto_takes_cuda_on_a_gpu_the_extension_was_built_for(monkeypatch, capability):
+    fake_gpu(monkeypatch, capability)
+    impls = {"reference": None, "torch": None, "cuda": None}
+    assert _backend.select("op", impls, torch.device("cuda", 0))[0] == "cuda"
+
+
+@pytest.mark.skipif(not _ext.loaded(), reason="needs the compiled extension")
+@pytest.mark.parametrize("capability", [(7, 5), (10, 0)], ids=["sm_75", "sm_100-no-ptx"])
+def test_gpu_the_extension_was_not_built_for(monkeypatch, capability):
+    # sm_100 is newer than every cubin, and without PTX nothing compiles for it.
+    targets = ("sm_80", "sm_86", "sm_89", "sm_90") + (
+        ("compute_90",) if capability < (9, 0) else ()
+    )
+    fake_gpu(monkeypatch, capability, targets)
+    impls = {"reference": None, "torch": None, "cuda": None}
+    cuda = torch.device("cuda", 0)
+    assert _backend.select("op", impls, cuda)[0] == "torch"
+    assert "cuda" not in wsss_fast.available_backends()
+    with wsss_fast.use_backend("cuda"), pytest.raises(wsss_fast.BackendError) as info:
+        _backend.select("op", impls, cuda)
+    msg = str(info.value)
+    major, minor = capability
+    assert f"built for {', '.join(targets)}, not for Test GPU (sm_{major}{minor})" in msg
+    assert f"`TORCH_CUDA_ARCH_LIST={major}.{minor} pip install --no-build-isolation -e .`" in msg

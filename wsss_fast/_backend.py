@@ -74,8 +74,14 @@ def use_backend(name: str) -> Iterator[None]:
         _context_backend.reset(token)
 
 
-def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
-    """None if backend ``name`` can run here (on ``device_type`` when given), else why not and how to fix it."""
+def unavailable_reason(
+    name: str, device_type: str | None = None, device: torch.device | None = None
+) -> str | None:
+    """None if backend ``name`` can run here (on ``device_type`` when given), else why not and how to fix it.
+
+    For ``cuda`` on CUDA tensors the GPU (``device``, else the current one) must be one the
+    extension has GPU code for.
+    """
     _check_name(name)
     if name in ("reference", "torch", "auto"):
         return None
@@ -103,6 +109,10 @@ def unavailable_reason(name: str, device_type: str | None = None) -> str | None:
             f"wsss_fast._C was built without its CUDA kernels ({why}); rebuild with nvcc on PATH: "
             "`pip install --no-build-isolation -e .`"
         )
+    if device_type == "cuda" and torch.cuda.is_available():
+        index = device.index if device is not None else None
+        capability = torch.cuda.get_device_capability(index)
+        return _ext.arch_mismatch(capability, torch.cuda.get_device_name(index))
     return None
 
 
@@ -132,7 +142,7 @@ def select(
         return _select_for_meta(op, name, impls, auto_order, kernel)
 
     def reason(backend: str) -> str | None:
-        why = unavailable_reason(backend, device_type)
+        why = unavailable_reason(backend, device_type, device)
         if why is None and backend == "cuda" and kernel is not None:
             why = _ext.missing_kernel(kernel, device_type)
         return why
