@@ -49,6 +49,10 @@ def random_walk(aff: torch.Tensor, cam: torch.Tensor, *, beta: float, steps: int
         ``aff`` on the ``reference`` and ``torch`` backends (the fused backends raise if ``aff``
         requires a gradient).
 
+    Host syncs: three per call on a GPU, for the checks that aff is non-negative and finite, that no
+    column of aff is all zero and that cam is finite; they are skipped on meta and fake tensors,
+    under ``torch.compile`` and during CUDA-graph capture.
+
     Example::
 
         refined = wsss_fast.random_walk(aff, cam, beta=8, steps=64)
@@ -66,19 +70,20 @@ def random_walk(aff: torch.Tensor, cam: torch.Tensor, *, beta: float, steps: int
             f"wsss_fast.random_walk: cam must be [B, C, M] = [{B}, C, {M}] to match aff "
             f"{tuple(aff.shape)}, got {tuple(cam.shape)}"
         )
-    # One pass over aff with no M x M temporary: NaN fails `lo >= 0`, +inf fails `hi < inf`.
-    lo, hi = torch.aminmax(aff.detach())
-    if not (bool(lo >= 0) and bool(hi < float("inf"))):
-        raise ValueError(
-            "wsss_fast.random_walk: aff must be non-negative and finite "
-            f"(min {lo.item():.4g}, max {hi.item():.4g}); clamp it with aff.clamp_min(0)"
-        )
-    if not bool((aff.detach().amax(dim=1) > 0).all()):
-        raise ValueError(
-            "wsss_fast.random_walk: a column of aff is all zero, so T = aff**beta / column sum "
-            "is undefined there; give every token a positive affinity to itself (e.g. add the "
-            "identity)"
-        )
+    if _checks.values_readable(aff):
+        # One pass over aff with no M x M temporary: NaN fails `lo >= 0`, +inf fails `hi < inf`.
+        lo, hi = torch.aminmax(aff.detach())
+        if not (bool(lo >= 0) and bool(hi < float("inf"))):
+            raise ValueError(
+                "wsss_fast.random_walk: aff must be non-negative and finite "
+                f"(min {lo.item():.4g}, max {hi.item():.4g}); clamp it with aff.clamp_min(0)"
+            )
+        if not bool((aff.detach().amax(dim=1) > 0).all()):
+            raise ValueError(
+                "wsss_fast.random_walk: a column of aff is all zero, so T = aff**beta / column "
+                "sum is undefined there; give every token a positive affinity to itself (e.g. "
+                "add the identity)"
+            )
     _checks.all_finite(OP, "cam", cam)
     backend, impl = _backend.select(OP, _IMPLS, device, kernel="random_walk_forward")
     if backend in ("triton", "cuda") and aff.requires_grad and torch.is_grad_enabled():
@@ -195,11 +200,18 @@ def _random_walk_torch(aff, cam, beta, steps):
 
 def _random_walk_triton(aff, cam, beta, steps):
     _checks.dtype_for_backend(OP, "triton", aff, cam)
+    if aff.is_meta or cam.is_meta:
+        # Shape-only run: the launchers' outputs (one tensor like cam, or like grad_out), no launch.
+        return RandomWalkFunction.apply(aff, cam, beta, steps, _fake_walk, _fake_walk, None)
     from wsss_fast.kernels import random_walk as kernels
 
     return RandomWalkFunction.apply(
         aff, cam, beta, steps, kernels.random_walk_fwd, kernels.random_walk_bwd, None
     )
+
+
+def _fake_walk(aff, x, beta, steps):
+    return torch.empty_like(x)
 
 
 def _random_walk_cuda(aff, cam, beta, steps):
