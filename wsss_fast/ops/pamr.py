@@ -58,6 +58,9 @@ def pamr(
         ``cuda`` backends raise if ``image`` or ``masks`` requires a gradient while grad mode is on
         (GETAM runs PAMR under ``torch.no_grad()``).
 
+    Host syncs: two per call on a GPU, for the checks that image and masks are finite; they are
+    skipped on meta and fake tensors, under ``torch.compile`` and during CUDA-graph capture.
+
     Example::
 
         refined = wsss_fast.pamr(image_0_255, cam_probs, iters=10)

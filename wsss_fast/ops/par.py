@@ -62,6 +62,9 @@ def par(
         ``cuda`` backends raise if ``image`` or ``masks`` requires a gradient while grad mode is on
         (AReAM runs PAR under ``torch.no_grad()``).
 
+    Host syncs: two per call on a GPU, for the checks that image and masks are finite; they are
+    skipped on meta and fake tensors, under ``torch.compile`` and during CUDA-graph capture.
+
     Example::
 
         refined = wsss_fast.par(image, cam_probs, iters=10)
