@@ -36,6 +36,14 @@ def emulated():
         yield
 
 
+def _params_of(test, argnames):
+    """The parameters of the GPU test's own ``parametrize(argnames, ...)``."""
+    for mark in test.pytestmark:
+        if mark.name == "parametrize" and mark.args[0] == argnames:
+            return mark.args[1]
+    raise LookupError(f"{test.__name__} has no parametrize({argnames!r})")
+
+
 def _scaled(params, scale):
     """``params`` with each case's values passed through ``scale`` (None: unchanged)."""
     out = []
@@ -89,9 +97,18 @@ def test_emul_random_walk_split_reduction_and_row_chunks(emulated, B, M, C, step
     )
 
 
-@pytest.mark.parametrize("M,C,steps", [(1, 1, 2), (37, 21, 6), (130, 3, 1), (50, 81, 0)])
+@pytest.mark.parametrize(
+    "M,C,steps", _params_of(gpu_rw.test_grad_cam_matches_reference, "M,C,steps")
+)
 def test_emul_random_walk_grad_cam(emulated, M, C, steps):
     gpu_rw.test_grad_cam_matches_reference("cuda", "cpu", M, C, steps)
+
+
+@pytest.mark.parametrize(
+    "lo,hi", _params_of(gpu_rw.test_extreme_affinity_scales_stay_finite, "lo,hi")
+)
+def test_emul_random_walk_extreme_affinity_scales(emulated, lo, hi):
+    gpu_rw.test_extreme_affinity_scales_stay_finite("cuda", "cpu", lo, hi)
 
 
 def test_emul_random_walk_non_contiguous(emulated):
@@ -138,19 +155,13 @@ def test_emul_par_pamr(
     )
 
 
-@pytest.mark.parametrize("w_pos", [0.0, 0.3])
+@pytest.mark.parametrize("w_pos", _params_of(gpu_par.test_par_w_pos, "w_pos"))
 def test_emul_par_w_pos(emulated, w_pos):
     gpu_par.test_par_w_pos("cuda", "cpu", w_pos)
 
 
 @pytest.mark.parametrize(
-    "image_dtype,masks_dtype",
-    [
-        pytest.param(torch.float16, torch.float32, id="image16-masks32"),
-        pytest.param(torch.bfloat16, torch.float16, id="image16b-masks16"),
-        pytest.param(torch.float64, torch.float64, id="image64-masks64"),
-        pytest.param(torch.float64, torch.float32, id="image64-masks32"),
-    ],
+    "image_dtype,masks_dtype", _params_of(gpu_par.test_dtypes, "image_dtype,masks_dtype")
 )
 @pytest.mark.parametrize("op", gpu_par.OPS)
 def test_emul_par_pamr_dtypes(emulated, op, image_dtype, masks_dtype):
@@ -160,6 +171,16 @@ def test_emul_par_pamr_dtypes(emulated, op, image_dtype, masks_dtype):
 @pytest.mark.parametrize("op", gpu_par.OPS)
 def test_emul_par_pamr_non_contiguous(emulated, op):
     gpu_par.test_non_contiguous_inputs(op, "cuda", "cpu")
+
+
+@pytest.mark.parametrize("op", gpu_par.OPS)
+def test_emul_par_pamr_image_far_from_zero(emulated, op):
+    gpu_par.test_image_far_from_zero(op, "cuda", "cpu")
+
+
+@pytest.mark.parametrize("op", gpu_par.OPS)
+def test_emul_par_pamr_zero_iterations(emulated, op):
+    gpu_par.test_zero_iterations_return_a_copy(op, "cuda", "cpu")
 
 
 def test_emul_pamr_huge_dilation(emulated):
@@ -206,6 +227,13 @@ def test_emul_getam_map_scale(emulated):
 def test_emul_getam_map_non_contiguous(emulated):
     # Non-contiguous inputs take the single-element (not 16-byte vector) loads.
     gpu_getam.test_non_contiguous_inputs("cuda", "cpu")
+
+
+@pytest.mark.parametrize(
+    "where", _params_of(gpu_getam.test_nan_inputs_give_nan_where_the_reference_does, "where")
+)
+def test_emul_getam_map_nan_inputs(emulated, where):
+    gpu_getam.test_nan_inputs_give_nan_where_the_reference_does("cuda", "cpu", where)
 
 
 def test_emul_getam_map_float64(emulated):
