@@ -21,7 +21,8 @@ All sources go into one translation unit (each ``.cu`` file in a namespace of it
 torch headers are parsed once. The library is cached under torch's extension directory, keyed on
 the hash of everything that goes into it; ``WSSS_FAST_EMUL_SANITIZE=address|thread`` selects a
 sanitizer build (loadable only in a process started with the sanitizer runtime preloaded; see
-test_cuda_emul_sanitize.py).
+test_cuda_emul_sanitize.py). That is why g++ is called here directly rather than through
+torch.utils.cpp_extension.load, which loads what it builds into the building process.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ ROOT = HERE.parents[1]
 # WSSS_FAST_EMUL_CSRC points the build at another copy of csrc/ (a planted bug, a branch).
 CSRC = Path(os.environ.get("WSSS_FAST_EMUL_CSRC") or ROOT / "csrc").resolve()
 NAMESPACE = "wsss_fast_emul"
-TEST_NAMESPACE = "wsss_fast_emul_test"
 # Host code the kernel files call (PAR's position weights live with the CPU kernels).
 HOST_SOURCES = [CSRC / "cpu" / "par.cpp"]
 PLANTED = HERE / "planted.cu"
