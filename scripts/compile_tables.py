@@ -363,7 +363,8 @@ def parse_ptxas(log: str) -> dict[str, dict]:
     return out
 
 
-_DOT = re.compile(r"tt\.dot\b[^\n]*?:\s*tensor<[^>]*?x(\w+)>\s*\*\s*tensor<[^>]*?x(\w+)>")
+# The operand element types of each tt.dot: "tensor<128x64xbf16> * tensor<64x64xbf16>".
+_DOT = re.compile(r"tt\.dot\b[^\n]*?:\s*tensor<(?:\d+x)+(\w+?)>\s*\*\s*tensor<(?:\d+x)+(\w+?)>")
 
 
 def _compile_triton(task: dict) -> dict:
@@ -538,6 +539,14 @@ def measure(archs, ops, dtype_names, with_cuda: bool, jobs: int, quick: bool = F
     )
 
 
+def needs_reason(arch: int, row: dict) -> bool:
+    """A spill, or a 16-bit dot that sm_90 runs on mma.sync instead of wgmma."""
+    sixteen_bit = any("16" in t for t in row.get("dot_types", []))
+    return bool(row["spills"] or row["spill_loads"]) or (
+        arch == 90 and sixteen_bit and row.get("tensor_core") == "mma"
+    )
+
+
 _TABLE_FIELDS = ("source", "kernel", "config", "registers", "shared_bytes", "spills", "spill_loads")
 
 
@@ -556,7 +565,7 @@ def write_tables(result: dict) -> list[str]:
             t = {f: r[f] for f in _TABLE_FIELDS if f in r}
             if r.get("tensor_core"):
                 t["tensor_core"] = r["tensor_core"]
-            if r["spills"] or r["spill_loads"]:
+            if needs_reason(int(arch), r):
                 t["reason"] = old.get(row_key(r), {}).get("reason", "")
                 if not t["reason"]:
                     missing.append(f"sm_{arch} {r['kernel']} {json.dumps(r['config'])}")
@@ -575,14 +584,16 @@ def summary() -> str:
             if not rows:
                 continue
             spilling = [r for r in rows if r["spills"]]
+            on_mma = [r for r in rows if arch == 90 and r.get("tensor_core") == "mma"]
             top_r = max(rows, key=lambda r: r["registers"])
             top_s = max(rows, key=lambda r: r["shared_bytes"])
             lines.append(
                 f"- sm_{arch}, {source}: {len(rows)} configurations of "
                 f"{len({r['kernel'] for r in rows})} kernels; at most {top_r['registers']} "
                 f"registers (`{top_r['kernel']}`), {top_s['shared_bytes']} bytes of shared memory "
-                f"(`{top_s['kernel']}`); {len(spilling)} spill"
-                + (f", at most {max(r['spills'] for r in spilling)} bytes" if spilling else "")
+                f"(`{top_s['kernel']}`); {len(spilling)} spilling"
+                + (f" (at most {max(r['spills'] for r in spilling)} bytes)" if spilling else "")
+                + (f"; {len(on_mma)} 16-bit on mma.sync, not wgmma" if on_mma else "")
             )
     return "\n".join(lines)
 
