@@ -106,7 +106,7 @@ def test_counter_ignores_other_devices():
     assert c.peak == 512
 
 
-def test_emulated_autocast_follows_cuda_lists():
+def test_meta_autocast_follows_cuda_lists():
     lin = torch.nn.Linear(8, 8, device="meta")
     x = torch.empty(4, 8, device="meta")
     with memory.EmulatedAutocast(torch.bfloat16):
@@ -282,7 +282,7 @@ def test_meta_count_matches_cuda(method, crop, batch):
     assert abs(counted - measured) <= 0.05 * measured, (counted, measured)
 
 
-def test_emulated_autocast_keeps_weights_in_the_graph_after_a_no_grad_pass():
+def test_meta_autocast_keeps_weights_in_the_graph_after_a_no_grad_pass():
     # A method's no-grad pass (AReAM's pseudo labels) before the training forward, in one
     # autocast region: the weights must still get gradients, as under torch.autocast.
     lin = torch.nn.Linear(8, 8)
