@@ -229,14 +229,15 @@ def optimizer_step(
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """One optimizer step: ``optim.accum_steps`` micro-batches (drawn from ``batches``, already on
-    the device) through the method's ``training_step``
-    under ``autocast()``, backward, clipping, the optimizer update and ``zero_grad``.
+    the device) through the method's ``training_step`` under ``autocast()``, backward, clipping,
+    the optimizer update and ``zero_grad``.
 
     The loop calls it for every step and ``wsss_fast.memory`` for the one step it counts, so the
     counted step is the trained one. ``model`` may be the DDP wrapper of ``raw_model``; gradients
     are all-reduced on the last micro-batch only. Returns this rank's loss terms of the step
     (detached, averaged over the micro-batches, plus ``grad_norm`` when clipping) and the last
-    micro-batch. No host sync: nothing here reads a tensor's value.
+    micro-batch. Nothing here reads a tensor's value on the host, except the fp16 loss scaler's
+    check for infinite gradients.
     """
     o = info.cfg.optim
     step_terms: dict[str, torch.Tensor] = {}
