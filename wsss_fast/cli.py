@@ -413,7 +413,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
                 )
                 for be in ("reference", "auto")
             }
-    except memory.MemoryError_ as e:
+    except memory.MemoryCountError as e:
         raise CLIError(str(e)) from e
     if args.json:
         out = report.to_json()

@@ -44,11 +44,15 @@ from wsss_fast import _backend
 __all__ = [
     "CATEGORIES",
     "EmulatedAutocast",
-    "MemoryError_",
+    "MemoryCountError",
     "MemoryReport",
     "StorageCounter",
     "count_step",
+    "cuda_peak",
+    "fit",
     "format_bytes",
+    "format_fit",
+    "format_report",
     "largest_fit",
     "parse_size",
 ]
@@ -59,12 +63,8 @@ BLOCK = 512
 CATEGORIES = ("parameters", "gradients", "optimizer", "saved", "batch", "other")
 
 
-class MemoryError_(ValueError):  # noqa: N801 (MemoryError is a builtin with another meaning)
+class MemoryCountError(ValueError):
     """A step that cannot be counted as asked; the message names the fix."""
-
-
-def _rounded(nbytes: int) -> int:
-    return -(-nbytes // BLOCK) * BLOCK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def parse_size(text: str) -> int:
     """``"24GiB"``, ``"24G"``, ``"80GB"`` (decimal), ``"512MiB"``, ``"1000000"`` -> bytes."""
     m = _SIZE.match(str(text))
     if not m or (m.group(3) and not m.group(2)):
-        raise MemoryError_(
+        raise MemoryCountError(
             f"{text!r} is not a size; write e.g. 24GiB, 40GB (10^9 bytes), 512MiB or a byte count"
         )
     value, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
@@ -445,7 +445,7 @@ def parse_size(text: str) -> int:
     base = 1024 if (binary or (unit and not text.strip().upper().endswith("B"))) else 1000
     n = int(value * base**power)
     if n <= 0:
-        raise MemoryError_(f"the budget {text!r} must be positive")
+        raise MemoryCountError(f"the budget {text!r} must be positive")
     return n
 
 
@@ -492,15 +492,6 @@ class _RecordBackends:
             yield
         finally:
             _backend.select = select
-
-
-def _phases(method, cfg, steps_per_epoch: int) -> dict[str, tuple[int, int]]:
-    """Phase name -> (step, epoch) of a step in that phase; the method's ``phases`` if it has
-    one, else one phase ``"train"``."""
-    total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
-    if hasattr(method, "phases"):
-        return dict(method.phases(total, steps_per_epoch))
-    return {"train": (0, 0)}
 
 
 @dataclasses.dataclass
@@ -550,7 +541,7 @@ def _build_step(cfg, method, crop, batch, phase, device: str) -> _Step:
     if phase is None:
         phase = list(phases)[-1]
     if phase not in phases:
-        raise MemoryError_(
+        raise MemoryCountError(
             f"{cfg.method} has no phase {phase!r}; choose one of {', '.join(phases)}"
         )
     step, epoch = phases[phase]
@@ -583,7 +574,7 @@ def _with_crop_and_batch(cfg, crop, batch):
     if batch is not None:
         cfg.data.batch_size = int(batch)
     if cfg.data.batch_size < 1 or cfg.data.crop_size < 1:
-        raise MemoryError_(
+        raise MemoryCountError(
             f"crop and batch must be >= 1, got crop {cfg.data.crop_size}, batch "
             f"{cfg.data.batch_size}"
         )
@@ -620,7 +611,7 @@ def count_step(
     """
     _backend._check_name(backend)
     if device not in ("meta", "cpu"):
-        raise MemoryError_(f"count_step counts on 'meta' or 'cpu', not {device!r}")
+        raise MemoryCountError(f"count_step counts on 'meta' or 'cpu', not {device!r}")
     cfg = _with_crop_and_batch(cfg, crop, batch)
     from wsss_fast.engine.loop import optimizer_step
 
@@ -661,10 +652,12 @@ def count_step(
                     autocast=st.autocast,
                 )
             except ValueError as e:
-                raise MemoryError_(f"the {cfg.method} step rejects this configuration: {e}") from e
+                raise MemoryCountError(
+                    f"the {cfg.method} step rejects this configuration: {e}"
+                ) from e
             except (NotImplementedError, RuntimeError) as e:
                 if device == "meta" and "meta" in str(e).lower():
-                    raise MemoryError_(
+                    raise MemoryCountError(
                         f"the {cfg.method} step cannot run on meta tensors ({e}); report it: a "
                         "method's step must not read tensor values"
                     ) from e
@@ -744,7 +737,7 @@ def _check_crop(method, model, crop: int) -> None:
             else f"{start} + a multiple of {step}"
         )
         near = f"{lo} or {hi}" if lo != hi else str(lo)
-        raise MemoryError_(f"crop {crop} is not {what}; use {near}")
+        raise MemoryCountError(f"crop {crop} is not {what}; use {near}")
 
 
 def _patch_size(model) -> int | None:

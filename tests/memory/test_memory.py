@@ -145,7 +145,7 @@ def test_parse_size(text, expected):
 
 @pytest.mark.parametrize("text", ["24XB", "GiB", "", "-1GB", "24 gigs", "0"])
 def test_parse_size_rejects(text):
-    with pytest.raises(memory.MemoryError_, match="size|positive"):
+    with pytest.raises(memory.MemoryCountError, match="size|positive"):
         memory.parse_size(text)
 
 
@@ -190,7 +190,7 @@ def test_meta_count_every_phase_and_bf16():
     assert one.precision == "bf16" and two.phase == "2"
     assert two.peak_bytes > one.peak_bytes  # phase 2 adds the pseudo-label pass and the loss
     assert "affinity_loss" in two.backends and "affinity_loss" not in one.backends
-    with pytest.raises(memory.MemoryError_, match="no phase '3'"):
+    with pytest.raises(memory.MemoryCountError, match="no phase '3'"):
         memory.count_step(cfg, crop=64, batch=2, phase="3")
 
 
