@@ -388,8 +388,10 @@ def _compile_triton(task: dict) -> dict:
                 options=task["options"],
             )
     except Exception as e:  # a kernel that does not compile is a result, not a crash
-        msg = str(e).strip().splitlines()
-        row["error"] = f"{type(e).__name__}: {msg[0] if msg else ''}"[:500]
+        # Triton's message is "at line:col:", the source excerpt, then the cause.
+        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+        where = f"{lines[0]} ... {lines[-1]}" if len(lines) > 1 else "".join(lines)
+        row["error"] = f"{type(e).__name__}: {where}"[:500]
         return row
     row["compile_s"] = round(time.perf_counter() - start, 2)
     stats = parse_ptxas(buf.getvalue()).get(task["kernel"])
