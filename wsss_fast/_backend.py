@@ -136,19 +136,20 @@ def select(
     """
     name = get_backend()
     device_type = device.type
-    if device_type == "meta":
-        # Meta tensors stand for a CUDA device (shape-only runs such as `wsss-fast memory`): the
-        # choice a GPU would make, where the fused ops run as their fake kernels.
-        return _select_for_meta(op, name, impls, auto_order, kernel)
+    # Meta tensors stand for a CUDA device (shape-only runs such as `wsss-fast memory`): the
+    # choice a GPU would make, where the fused ops run as their fake kernels.
+    order_type = "cuda" if device_type == "meta" else device_type
 
     def reason(backend: str) -> str | None:
+        if device_type == "meta":
+            return _meta_reason(backend, kernel)
         why = unavailable_reason(backend, device_type, device)
         if why is None and backend == "cuda" and kernel is not None:
             why = _ext.missing_kernel(kernel, device_type)
         return why
 
     if name == "auto":
-        for cand in auto_order.get(device_type, ("torch", "reference")):
+        for cand in auto_order.get(order_type, ("torch", "reference")):
             if cand in impls and reason(cand) is None:
                 return cand, impls[cand]
         raise BackendError(f"no backend of wsss_fast.{op} can run on {device_type} tensors")
@@ -175,21 +176,3 @@ def _meta_reason(backend: str, kernel: str | None) -> str | None:
         if kernel is not None and not _ext.has_op(kernel):
             return f"wsss_fast._C has no {kernel} op; rebuild it: `pip install --no-build-isolation -e .`"
     return None
-
-
-def _select_for_meta(op, name, impls, auto_order, kernel) -> tuple[str, Callable]:
-    if name == "auto":
-        for cand in auto_order.get("cuda", ()):
-            if cand in impls and _meta_reason(cand, kernel) is None:
-                return cand, impls[cand]
-        raise BackendError(f"no backend of wsss_fast.{op} can run on meta tensors")
-    if name not in impls:
-        have = ", ".join(b for b in BACKENDS if b in impls)
-        raise BackendNotImplementedError(
-            f"wsss_fast.{op} is not implemented on the {name!r} backend yet (implemented: {have}). "
-            f"Choose another with wsss_fast.use_backend(...) or WSSS_FAST_BACKEND."
-        )
-    why = _meta_reason(name, kernel)
-    if why is not None:
-        raise BackendError(f"wsss_fast.{op}: the {name!r} backend cannot run here: {why}")
-    return name, impls[name]

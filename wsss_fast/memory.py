@@ -504,6 +504,21 @@ class _Step:
     phase: str
     autocast: Callable[[], contextlib.AbstractContextManager]
 
+    def run(self) -> None:
+        """The engine's optimizer step, every micro-batch the same batch."""
+        from wsss_fast.engine.loop import optimizer_step
+
+        micro = self.info.cfg.optim.accum_steps
+        optimizer_step(
+            self.method,
+            self.model,
+            self.model,
+            iter([self.batch] * micro),
+            self.optimizer,
+            self.info,
+            autocast=self.autocast,
+        )
+
 
 def _build_step(cfg, method, crop, batch, phase, device: str) -> _Step:
     """The model, optimizer (with its state, as after any earlier step), step info and batch of
@@ -613,7 +628,6 @@ def count_step(
     if device not in ("meta", "cpu"):
         raise MemoryCountError(f"count_step counts on 'meta' or 'cpu', not {device!r}")
     cfg = _with_crop_and_batch(cfg, crop, batch)
-    from wsss_fast.engine.loop import optimizer_step
 
     counter = StorageCounter(device)
     record = _RecordBackends()
@@ -642,15 +656,7 @@ def count_step(
             counter.reset_peak()
             start = counter.current
             try:
-                optimizer_step(
-                    st.method,
-                    st.model,
-                    st.model,
-                    iter([st.batch] * cfg.optim.accum_steps),
-                    st.optimizer,
-                    st.info,
-                    autocast=st.autocast,
-                )
+                st.run()
             except ValueError as e:
                 raise MemoryCountError(
                     f"the {cfg.method} step rejects this configuration: {e}"
@@ -696,7 +702,6 @@ def cuda_peak(
 ) -> int:
     """``torch.cuda.max_memory_allocated`` of the step :func:`count_step` counts, run for real
     on the current CUDA device (for the GPU check of the count)."""
-    from wsss_fast.engine.loop import optimizer_step
 
     cfg = _with_crop_and_batch(cfg, crop, batch)
     with _backend.use_backend(backend):
@@ -704,15 +709,7 @@ def cuda_peak(
         for _ in range(2):  # the second step is the steady state (kernels compiled, caches warm)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            optimizer_step(
-                st.method,
-                st.model,
-                st.model,
-                iter([st.batch] * cfg.optim.accum_steps),
-                st.optimizer,
-                st.info,
-                autocast=st.autocast,
-            )
+            st.run()
             torch.cuda.synchronize()
     return int(torch.cuda.max_memory_allocated())
 
