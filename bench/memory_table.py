@@ -47,14 +47,7 @@ def main() -> int:
     for budget in BUDGETS:
         n = memory.parse_size(budget)
         fits[budget] = {
-            be: memory.largest_fit(
-                lambda c, be=be: memory.count_step(cfg, crop=c, batch=8, backend=be).peak_bytes,
-                n,
-                start=16,
-                step=16,
-                limit=memory.CROP_LIMIT,
-            )
-            for be in ("reference", "auto")
+            be: memory.largest_crop(cfg, n, batch=8, backend=be) for be in ("reference", "auto")
         }
         print(budget, fits[budget], file=sys.stderr, flush=True)
     rev = subprocess.run(

@@ -141,11 +141,10 @@ def select(
     order_type = "cuda" if device_type == "meta" else device_type
 
     def reason(backend: str) -> str | None:
-        if device_type == "meta":
-            return _meta_reason(backend, kernel)
         why = unavailable_reason(backend, device_type, device)
         if why is None and backend == "cuda" and kernel is not None:
-            why = _ext.missing_kernel(kernel, device_type)
+            # On meta the op's fake kernel stands in; it exists wherever the op does.
+            why = _ext.missing_kernel(kernel, "cpu" if device_type == "meta" else device_type)
         return why
 
     if name == "auto":
@@ -163,16 +162,3 @@ def select(
     if why is not None:
         raise BackendError(f"wsss_fast.{op}: the {name!r} backend cannot run here: {why}")
     return name, impls[name]
-
-
-def _meta_reason(backend: str, kernel: str | None) -> str | None:
-    """Why ``backend`` has no fake (shape-only) implementation here, or None."""
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        return "triton is not installed (`pip install triton`; Linux only)"
-    if backend == "cuda":
-        err = _ext.load_error()
-        if err is not None:
-            return err
-        if kernel is not None and not _ext.has_op(kernel):
-            return f"wsss_fast._C has no {kernel} op; rebuild it: `pip install --no-build-isolation -e .`"
-    return None

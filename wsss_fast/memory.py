@@ -53,6 +53,7 @@ __all__ = [
     "format_bytes",
     "format_fit",
     "format_report",
+    "largest_crop",
     "largest_fit",
     "parse_size",
 ]
@@ -163,10 +164,11 @@ class StorageCounter(TorchDispatchMode):
                 live.pop(key, None)
         return live
 
-    def by_op_at_peak(self) -> dict[str, int]:
-        """Bytes live at the peak, by the op that allocated them (largest first)."""
+    def by_op_at_peak(self, live: dict[int, int] | None = None) -> dict[str, int]:
+        """Bytes live at the peak (``live``: :meth:`live_at_peak`, if already at hand), by the op
+        that allocated them, largest first."""
         out: dict[str, int] = {}
-        for key, size in self.live_at_peak().items():
+        for key, size in (self.live_at_peak() if live is None else live).items():
             op = self.origin.get(key, "?")
             out[op] = out.get(op, 0) + size
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
@@ -332,8 +334,9 @@ class EmulatedAutocast(TorchFunctionMode):
     runs in float32 cast them to float32, ``cat`` / ``stack`` take the widest input dtype.
     Casts of leaf tensors that require grad (the weights) made with grad enabled are cached for
     the region, as autocast's ``cache_enabled`` does (a cast made under ``no_grad`` is not kept:
-    reused later it would cut the weights out of the graph). Calls nested inside a Python-level function (a loss
-    written in Python) run uncast; the methods call the listed functions directly.
+    reused later it would cut the weights out of the graph). Calls nested inside a Python-level
+    function (a loss written in Python) run uncast; the methods call the listed functions
+    directly.
     """
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16, device: str = "meta"):
@@ -671,10 +674,10 @@ def count_step(
     finally:
         for h in hooks:
             h.remove()
-    counter.track(list(st.optimizer.state.values()), "optimizer")
 
+    live = counter.live_at_peak()
     breakdown = dict.fromkeys(CATEGORIES, 0)
-    for key, size in counter.live_at_peak().items():
+    for key, size in live.items():
         breakdown[counter.tags.get(key, "other")] += size
     return MemoryReport(
         method=cfg.method,
@@ -688,7 +691,7 @@ def count_step(
         breakdown=breakdown,
         backends=dict(sorted(record.seen.items())),
         peak_op=counter.peak_op,
-        top_ops=dict(list(counter.by_op_at_peak().items())[:8]),
+        top_ops=dict(list(counter.by_op_at_peak(live).items())[:8]),
     )
 
 
@@ -782,6 +785,40 @@ CROP_LIMIT = 4096
 BATCH_LIMIT = 1024
 
 
+def _searcher(cfg, backend, phase, progress):
+    """``(peak(crop, batch), (start, step) of the crop grid, bar)`` for one config and backend."""
+    from tqdm.auto import tqdm
+
+    from wsss_fast.engine.infer import build_method
+
+    method = build_method(cfg)
+    with torch.device("meta"):
+        grid = _crop_grid(method, method.build_model(cfg))
+    name = "fused" if backend == "auto" else backend
+    bar = tqdm(desc=f"fit {name}", unit=" steps counted", disable=not progress, leave=False)
+
+    def peak(crop: int, batch: int) -> int:
+        bar.set_postfix(crop=crop, batch=batch)
+        bar.update(1)
+        return count_step(
+            cfg, crop=crop, batch=batch, backend=backend, phase=phase, method=method
+        ).peak_bytes
+
+    return peak, grid, bar
+
+
+def largest_crop(
+    cfg, budget: int, *, batch: int, backend: str = "auto", phase: str | None = None
+) -> int | None:
+    """The largest crop on the method's crop grid whose step at ``batch`` peaks within
+    ``budget`` bytes (None if even the smallest does not)."""
+    peak, (start, step), bar = _searcher(cfg, backend, phase, False)
+    with bar:
+        return largest_fit(
+            lambda c: peak(c, batch), budget, start=start, step=step, limit=CROP_LIMIT
+        )
+
+
 def fit(
     cfg,
     budget: int,
@@ -792,37 +829,22 @@ def fit(
     phase: str | None = None,
     progress: bool = False,
 ) -> dict[str, int | None]:
-    """The largest crop (a multiple of the patch size, at ``batch``) and the largest batch (at
+    """The largest crop (on the method's crop grid, at ``batch``) and the largest batch (at
     ``crop``) whose step peaks within ``budget`` bytes; None where even the smallest does not.
 
     Returns ``{"crop": ..., "batch": ..., "at_batch": batch, "at_crop": crop}``. ``progress``
     shows a bar of the steps counted (on stderr).
     """
-    from tqdm.auto import tqdm
-
     cfg = _with_crop_and_batch(cfg, crop, batch)
     crop, batch = cfg.data.crop_size, cfg.data.batch_size
-    from wsss_fast.engine.infer import build_method
-
-    method = build_method(cfg)
-    with torch.device("meta"):
-        start, step = _crop_grid(method, method.build_model(cfg))
-
-    name = "fused" if backend == "auto" else backend
-    bar = tqdm(desc=f"fit {name}", unit=" steps counted", disable=not progress, leave=False)
-
-    def peak(**kw) -> int:
-        bar.set_postfix(kw)
-        bar.update(1)
-        return count_step(cfg, backend=backend, phase=phase, method=method, **kw).peak_bytes
-
-    best_crop = largest_fit(
-        lambda c: peak(crop=c, batch=batch), budget, start=start, step=step, limit=CROP_LIMIT
-    )
-    best_batch = largest_fit(
-        lambda b: peak(crop=crop, batch=b), budget, start=1, step=1, limit=BATCH_LIMIT
-    )
-    bar.close()
+    peak, (start, step), bar = _searcher(cfg, backend, phase, progress)
+    with bar:
+        best_crop = largest_fit(
+            lambda c: peak(c, batch), budget, start=start, step=step, limit=CROP_LIMIT
+        )
+        best_batch = largest_fit(
+            lambda b: peak(crop, b), budget, start=1, step=1, limit=BATCH_LIMIT
+        )
     return {"crop": best_crop, "batch": best_batch, "at_batch": batch, "at_crop": crop}
 
 

@@ -616,7 +616,8 @@ def complete_labels(
         unknown = saliency == IGNORE_INDEX  # padding, as the data layer marks it
     claims = torch.zeros(B, H, W, dtype=torch.int64, device=cam.device)
     claimer = torch.zeros_like(claims)
-    if values_readable(present, cam):
+    readable = values_readable(present, cam)
+    if readable:
         pairs = present.nonzero().tolist()
     else:
         # Shape-only run (`wsss-fast memory`): every class of every image, every pixel
@@ -624,7 +625,7 @@ def complete_labels(
         pairs = [(b, c) for b in range(B) for c in range(C)]
     for b, c in pairs:
         m = cam[b, c]
-        positive = torch.sort(m[m > 0] if values_readable(m) else m.flatten()).values
+        positive = torch.sort(m[m > 0] if readable else m.flatten()).values
         rank = int(positive.numel() * percentile)
         if rank == 0:
             continue

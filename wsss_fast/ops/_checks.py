@@ -137,6 +137,12 @@ def index_in_range(op: str, name: str, value: object, low: int, high: int) -> in
     return value
 
 
+MAX_DILATIONS = 16
+"""The most dilations ``par`` and ``pamr`` take, on every backend: the CUDA kernels receive their
+tap tables by value as kernel arguments (no host-to-device copy per call), which bounds them
+(``kMaxDilations`` in ``csrc/par.h``)."""
+
+
 def image_and_masks(
     op: str, image: object, masks: object, dilations: object, iters: object
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
@@ -158,5 +164,10 @@ def image_and_masks(
     for d in dilations:
         if isinstance(d, bool) or not isinstance(d, int) or d < 1:
             raise ValueError(f"wsss_fast.{op}: every dilation must be an int >= 1, got {d!r}")
+    if len(dilations) > MAX_DILATIONS:
+        raise ValueError(
+            f"wsss_fast.{op}: at most {MAX_DILATIONS} dilations are supported, got "
+            f"{len(dilations)}; pass fewer (a dilation >= max(H, W) acts like max(H, W))"
+        )
     iters = non_negative_int(op, "iters", iters)
     return image, masks, tuple(dilations), iters

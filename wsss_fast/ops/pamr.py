@@ -13,7 +13,6 @@ from wsss_fast import _backend, _ext
 from wsss_fast.ops import _checks, reference
 from wsss_fast.ops.par import (
     acc_dtype,
-    check_dilation_count,
     masks_for_kernel,
     refine,
     refuse_grad,
@@ -66,7 +65,6 @@ def pamr(
         refined = wsss_fast.pamr(image_0_255, cam_probs, iters=10)
     """
     image, masks, dilations, iters = _checks.image_and_masks(OP, image, masks, dilations, iters)
-    check_dilation_count(OP, dilations)
     backend, impl = _backend.select(OP, _IMPLS, image.device, kernel="pamr_forward")
     if backend != "reference":
         refuse_grad(OP, backend, image, masks)

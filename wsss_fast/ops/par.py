@@ -20,10 +20,7 @@ from wsss_fast.ops import _checks, reference
 
 OP = "par"
 
-MAX_DILATIONS = 16
-"""The most dilations ``par`` and ``pamr`` take, on every backend: the CUDA kernels receive their
-tap tables by value as kernel arguments (no host-to-device copy per call), which bounds them
-(``kMaxDilations`` in ``csrc/par.h``)."""
+MAX_DILATIONS = _checks.MAX_DILATIONS
 
 
 def par(
@@ -70,7 +67,6 @@ def par(
         refined = wsss_fast.par(image, cam_probs, iters=10)
     """
     image, masks, dilations, iters = _checks.image_and_masks(OP, image, masks, dilations, iters)
-    check_dilation_count(OP, dilations)
     if isinstance(w_pos, bool) or not isinstance(w_pos, (int, float)) or not math.isfinite(w_pos):
         raise ValueError(f"wsss_fast.par: w_pos must be a finite number, got {w_pos!r}")
     backend, impl = _backend.select(OP, _IMPLS, image.device, kernel="par_forward")
@@ -81,14 +77,6 @@ def par(
 
 # ---------------------------------------------------------------------------------------------
 # Shared with pamr.
-
-
-def check_dilation_count(op: str, dilations: tuple[int, ...]) -> None:
-    if len(dilations) > MAX_DILATIONS:
-        raise ValueError(
-            f"wsss_fast.{op}: at most {MAX_DILATIONS} dilations are supported, got "
-            f"{len(dilations)}; pass fewer (a dilation >= max(H, W) acts like max(H, W))"
-        )
 
 
 def refuse_grad(op: str, backend: str, image: torch.Tensor, masks: torch.Tensor) -> None:
